@@ -1,0 +1,31 @@
+# soft-rl: `make quickstart` (set up + a short SofT-GRPO run), `make test` (set up + the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU defaults for vLLM/Ray/DeepSpeed on a workstation; harmless on GPU machines (see README).
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_HOST_IP ?= 127.0.0.1
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test test-fast lint quickstart clean
+
+setup:
+	@bash launch/setup_env.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+quickstart: setup
+	$(VENV)/bin/soft-rl quickstart
+
+clean:
+	rm -rf .cache runs

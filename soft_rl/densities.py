@@ -1,0 +1,178 @@
+"""Log-densities of a soft step and the soft-input weights, shared by rollout and learner.
+
+A soft step stores K token ids ``i_k`` and K noisy values (``y_k`` for Gumbel, the noisy
+probabilities ``x_k`` for Dirichlet/Gaussian). The policy's density of those values is written in
+terms of p-hat, the softmax over the K logits gathered at the stored ids only:
+
+    p-hat_k = exp(z_{i_k} / T) / sum_{j<=K} exp(z_{i_j} / T)
+
+(the full-vocabulary normaliser cancels), so no full-vocabulary softmax is ever needed at a soft
+position. Both the rollout (for its diagnostic log-prob) and the learner call the same functions on
+the same inputs, which is what makes the PPO ratio exactly 1 before an update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NOISE_KINDS = ("gumbel", "dirichlet", "gaussian", "none")
+DENSITY_MODES = ("official", "exact")
+
+EPS_LOG = 1e-6  # the reference's floor inside log(p + 1e-6)
+GUMBEL_CLAMP = (-1.5, 3.0)  # the reference's clamp of the standard Gumbel noise
+OFFICIAL_GUMBEL_MASK = -3.0  # slots with log(p-hat + 1e-6) > -3 enter the masked mean
+OFFICIAL_PROB_MASK = 0.05  # Dirichlet/Gaussian: slots with p-hat > 0.05 enter the masked mean
+DIRICHLET_LOGPDF_CLAMP = (-5.0, 3.0)
+GAUSSIAN_STD = 0.05
+GAUSSIAN_VALUE_CLAMP = 0.15
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Densities are computed in float64: they are sums of up to K stiff terms (tens to hundreds in
+    magnitude), so float32 rounding alone would move a log-ratio by ~1e-5; the tensors are only
+    [..., K], so the cost is negligible next to the forward pass."""
+    return x.double()
+
+
+def _per_row(value, like: torch.Tensor) -> torch.Tensor:
+    """A float or a per-row tensor [...] as a float32 tensor broadcastable against [..., K]."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return t.unsqueeze(-1) if t.dim() > 0 else t
+
+
+def _valid(noisy: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(noisy, dtype=torch.bool) if valid is None else valid
+
+
+def gumbel_logpdf(x: torch.Tensor) -> torch.Tensor:
+    """phi(g) = -g - exp(-g), the log-density of a standard Gumbel(0, 1)."""
+    return -x - torch.exp(-x)
+
+
+def gamma_logpdf(x: torch.Tensor, conc: torch.Tensor) -> torch.Tensor:
+    """log Gamma(x; a, 1) = (a - 1) log x - x - lgamma(a)."""
+    return (conc - 1.0) * torch.log(x) - x - torch.lgamma(conc)
+
+
+def normal_logpdf(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2)."""
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    return -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2.0 * math.pi)
+
+
+def soft_logprob(
+    logits_at_ids: torch.Tensor,
+    noisy: torch.Tensor,
+    mode: str,
+    noise_scale: float | torch.Tensor = 1.0,
+    *,
+    noise: str = "gumbel",
+    valid: torch.Tensor | None = None,
+    clamp: tuple[float | torch.Tensor, float | torch.Tensor] | None = GUMBEL_CLAMP,
+    dirichlet_alpha: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """Log-probability of soft steps, shape [...], from K gathered logits [..., K] and stored values.
+
+    ``logits_at_ids`` must already be divided by the sampling temperature. ``valid`` masks padding
+    slots (requests with fewer than K slots). ``noise_scale``, the clamp bounds and
+    ``dirichlet_alpha`` may be floats or per-row tensors of the batch shape [...]. Modes:
+
+    gumbel, official (the reference code): with mu_k = log(p-hat_k + 1e-6),
+        g'_k = clamp(y_k - mu_k, -1.5, 3),   L = mean_{k: mu_k > -3} [ -g'_k - exp(-g'_k) ]
+        (a masked mean, not a sum; it ignores lambda and tau_g, exact only for lambda = 1).
+    gumbel, exact: the joint density of y_k ~ Gumbel(loc = mu_k, scale = lambda), independent:
+        L = sum_k [ -z_k - exp(-z_k) - log lambda ],  z_k = (y_k - mu_k) / lambda
+        (exact for unclamped noise; the rollout's clamp puts atoms at the bounds).
+    dirichlet: x_k ~ Gamma(alpha * p-hat_k, 1); slots with x_k = 0 (zero-probability slots the
+        rollout left empty) carry no information and are excluded.
+        official: mean_{k: p-hat_k > 0.05} clamp(log Gamma(x_k; p-hat_k... ), -5, 3); exact: sum.
+    gaussian: x_k ~ N(p-hat_k, (0.05 lambda)^2).
+        official: mean_{k: p-hat_k > 0.05} log N(clamp(x_k, p-hat_k +- 0.15); p-hat_k, 0.05); exact: sum.
+    """
+    if mode not in DENSITY_MODES:
+        raise ValueError(f"density mode must be one of {DENSITY_MODES}, got {mode!r}")
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    if noise == "none":
+        raise ValueError("noise='none' (plain soft thinking) is deterministic given the logits: it has no "
+                         "density and cannot be trained with SofT-GRPO; pick gumbel, dirichlet or gaussian")
+    out_dtype = torch.float64 if logits_at_ids.dtype == torch.float64 else torch.float32
+    return _soft_logprob64(logits_at_ids, noisy, mode, noise_scale, noise, _valid(noisy, valid), clamp,
+                           dirichlet_alpha).to(out_dtype)
+
+
+def _soft_logprob64(logits_at_ids, noisy, mode, noise_scale, noise, valid, clamp, dirichlet_alpha):
+    z = _compute_dtype(logits_at_ids).masked_fill(~valid, float("-inf"))
+    logp_hat = torch.log_softmax(z, dim=-1)  # softmax over the K stored ids only
+    p_hat = torch.exp(logp_hat)
+    noisy = noisy.to(z.dtype)
+    noise_scale = _per_row(noise_scale, noisy)
+    dirichlet_alpha = _per_row(dirichlet_alpha, noisy)
+    if clamp is not None:
+        clamp = (_per_row(clamp[0], noisy), _per_row(clamp[1], noisy))
+
+    if noise == "gumbel":
+        mu = torch.log(p_hat + EPS_LOG)
+        if mode == "official":
+            g = noisy - mu
+            if clamp is not None:
+                g = torch.minimum(torch.maximum(g, clamp[0]), clamp[1])
+            return _masked_mean(gumbel_logpdf(g), (mu > OFFICIAL_GUMBEL_MASK) & valid)
+        zz = (noisy - mu) / noise_scale
+        per_slot = gumbel_logpdf(zz) - torch.log(noise_scale)
+        return (per_slot * valid).sum(-1)
+
+    if noise == "dirichlet":
+        present = valid & (noisy > 0)
+        conc = (dirichlet_alpha * p_hat).clamp_min(1e-30)
+        lp = gamma_logpdf(noisy.clamp_min(1e-30), conc)
+        if mode == "official":
+            lp = lp.clamp(*DIRICHLET_LOGPDF_CLAMP)
+            return _masked_mean(lp, present & (p_hat > OFFICIAL_PROB_MASK))
+        return torch.where(present, lp, torch.zeros_like(lp)).sum(-1)
+
+    # gaussian
+    if mode == "official":
+        x = torch.minimum(torch.maximum(noisy, p_hat - GAUSSIAN_VALUE_CLAMP), p_hat + GAUSSIAN_VALUE_CLAMP)
+        return _masked_mean(normal_logpdf(x, p_hat, GAUSSIAN_STD), valid & (p_hat > OFFICIAL_PROB_MASK))
+    lp = normal_logpdf(noisy, p_hat, GAUSSIAN_STD * noise_scale)
+    return (lp * valid).sum(-1)
+
+
+def density_slots(valid: torch.Tensor, kept: torch.Tensor, mode: str) -> torch.Tensor:
+    """Slots that enter the density. "official" scores all K slots as the reference learner does;
+    "exact" scores only the slots the rollout's truncation kept (q_k > 0): with p-hat renormalised
+    over them, p-hat equals the rollout's q and the density is that of the noise actually drawn."""
+    return valid & kept if mode == "exact" else valid
+
+
+def soft_weights(
+    noisy: torch.Tensor,
+    noise: str,
+    tau: torch.Tensor | float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mixture weights of a soft step from its stored values, as the rollout formed them.
+
+    gumbel / none: w = softmax(y / tau_g) over the valid slots.
+    dirichlet / gaussian: w = x / sum(x) (the reference learner used softmax(x / 1) here, which does
+    not match what its rollout fed the model; we rebuild the rollout's weights).
+    """
+    valid = _valid(noisy, valid)
+    noisy = noisy.float()
+    if noise in ("gumbel", "none"):
+        tau = torch.as_tensor(tau, dtype=torch.float32, device=noisy.device)
+        if tau.dim() > 0:
+            tau = tau.unsqueeze(-1)
+        return torch.softmax((noisy / tau).masked_fill(~valid, float("-inf")), dim=-1)
+    if noise in ("dirichlet", "gaussian"):
+        x = noisy.masked_fill(~valid, 0.0)
+        return x / x.sum(-1, keepdim=True)
+    raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")

@@ -1,0 +1,201 @@
+"""Policy-gradient losses: per-position log-probs, GRPO advantages, PPO clip, KL, aggregation.
+
+Pure torch on [B, R] tensors with a [B, R] response mask. Advantage estimators and loss
+aggregations are registered by name so a config picks them and a new variant is one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from soft_rl.densities import soft_logprob, soft_weights  # noqa: F401  (public API: soft_rl.losses.soft_logprob)
+
+
+def discrete_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float | torch.Tensor = 1.0):
+    """log softmax(z / T)[x] over the full vocabulary: logits [..., V], tokens [...] -> [...]."""
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    if t.dim() > 0:
+        t = t.unsqueeze(-1)
+    z = logits.float() / t
+    return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v, per position."""
+    z = logits.float()
+    p = torch.softmax(z, -1)
+    return torch.logsumexp(z, -1) - (p * z).sum(-1)
+
+
+# ---------------------------------------------------------------- advantages
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_advantage(name: str):
+    def deco(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
+    """Per-sample mean and unbiased std of the rewards of its group (group ids [N])."""
+    _, inv, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    G = counts.shape[0]
+    r = rewards.float()
+    sums = torch.zeros(G, dtype=torch.float32, device=r.device).index_add_(0, inv, r)
+    mean = sums / counts
+    sq = torch.zeros(G, dtype=torch.float32, device=r.device).index_add_(0, inv, (r - mean[inv]) ** 2)
+    # unbiased (n - 1) as torch.std; a group of one has std 0 (its advantage is then 0).
+    std = torch.sqrt(sq / (counts - 1).clamp_min(1))
+    return mean[inv], std[inv]
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (R_i - mean_G R) / (std_G R + eps), unbiased std within each prompt's group."""
+    mean, std = _group_stats(rewards, group)
+    return (rewards.float() - mean) / (std + eps)
+
+
+@register_advantage("grpo_no_std")
+def grpo_mean_only_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = R_i - mean_G R (Dr.GRPO: no division by the group std)."""
+    mean, _ = _group_stats(rewards, group)
+    return rewards.float() - mean
+
+
+def compute_advantages(name: str, rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6):
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name](rewards, group, eps)
+
+
+# ---------------------------------------------------------------- aggregation
+
+LOSS_AGGREGATIONS: dict[str, Callable] = {}
+
+
+def register_aggregation(name: str):
+    def deco(fn):
+        LOSS_AGGREGATIONS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_aggregation("token-mean")
+def _token_mean(x, mask, norm_length=None):
+    """sum over all tokens / number of tokens (every token weighs the same)."""
+    m = mask.float()
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+@register_aggregation("seq-mean-token-mean")
+def _seq_mean_token_mean(x, mask, norm_length=None):
+    """mean over sequences of each sequence's token mean (every sequence weighs the same)."""
+    m = mask.float()
+    per_seq = (x * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    has = (m.sum(-1) > 0).float()
+    return (per_seq * has).sum() / has.sum().clamp_min(1.0)
+
+
+@register_aggregation("seq-mean-token-sum")
+def _seq_mean_token_sum(x, mask, norm_length=None):
+    """mean over sequences of each sequence's token sum."""
+    return (x * mask.float()).sum(-1).mean()
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(x, mask, norm_length=None):
+    """Dr.GRPO: sum over tokens / a constant length (default: the padded length R), mean over sequences."""
+    L = float(norm_length if norm_length is not None else x.shape[-1])
+    return ((x * mask.float()).sum(-1) / L).mean()
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[mode](x, mask, norm_length)
+
+
+# ---------------------------------------------------------------- KL
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float = 10.0):
+    """Per-token KL(pi || ref) estimators with d = ref_logp - logp:
+    k1 = -d;  k2 = d^2 / 2;  k3 = exp(d) - d - 1 (low variance, >= 0), clamped to [-clamp, clamp]."""
+    d = ref_logp.float() - logp.float()
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind in ("k3", "low_var_kl"):
+        d = d.clamp(-20.0, 20.0)
+        return (torch.exp(d) - d - 1.0).clamp(-clamp, clamp)
+    raise ValueError(f"unknown KL estimator {kind!r}; known: k1, k2, k3")
+
+
+# ---------------------------------------------------------------- PPO / GRPO policy loss
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    agg: str = "token-mean",
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    norm_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate with optional dual clip, KL and entropy terms; [B, R] in, scalar out.
+
+    r = exp(logp - old_logp)
+    l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))         (clip-higher when eps_high > eps_low)
+    if A < 0: l = min(l, -c A)                                    (dual clip, c > 1)
+    loss = agg(l) + beta * agg(KL(pi || ref)) - entropy_coef * agg(H)
+    ``advantages`` may be [B] (broadcast over the response) or [B, R].
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    surr1 = -advantages * ratio
+    surr2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(surr1, surr2)
+    per_token = clipped
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        per_token = torch.where(advantages < 0, torch.minimum(clipped, -dual_clip * advantages), clipped)
+    loss = aggregate(per_token, mask, agg, norm_length)
+    m = mask.float()
+    n = m.sum().clamp_min(1.0)
+    metrics = {
+        "pg_loss": loss.detach(),
+        "clip_frac": ((surr2 > surr1).float() * m).sum().detach() / n,
+        "dual_clip_frac": (((advantages < 0) & (clipped > -(dual_clip or float("inf")) * advantages)).float()
+                           * m).sum().detach() / n,
+        "approx_kl_old": ((-log_ratio) * m).sum().detach() / n,
+        "ratio_mean": (ratio * m).sum().detach() / n,
+    }
+    if ref_logp is not None and kl_coef:
+        kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, agg, norm_length)
+        loss = loss + kl_coef * kl
+        metrics["kl"] = kl.detach()
+    if entropy is not None and entropy_coef:
+        ent = aggregate(entropy, mask, agg, norm_length)
+        loss = loss - entropy_coef * ent
+        metrics["entropy"] = ent.detach()
+    metrics["loss"] = loss.detach()
+    return loss, metrics

@@ -1,0 +1,170 @@
+"""Slow, obviously-correct soft-thinking with HuggingFace transformers: the reference for every fast path.
+
+``generate`` is soft-thinking generation with a KV cache: prompts are prefilled as ordinary tokens,
+then every decode step runs the core sampler (``soft_rl.sampling.soft_sample``) on the last logits
+and feeds back sum_k w_k E[i_k] as the next ``inputs_embeds`` (one-hot for discrete steps, which is
+exactly E[x]). The vLLM engine must reproduce it token for token.
+
+``teacher_forced_logprobs`` is the learner-side forward: from the stored (ids, noisy, is_soft, token)
+it rebuilds the detached mixed inputs and returns per-position log-probs with full logits (the
+learner's memory-lean path is checked against it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from soft_rl.densities import density_slots, soft_logprob, soft_weights
+from soft_rl.phase import PhaseTracker
+from soft_rl.rng import NoiseCounters
+from soft_rl.sampling import SamplingBatch, SoftSamplingParams, mix_embeddings, soft_sample
+from soft_rl.trajectory import Trajectory
+
+
+def encode_marker(tokenizer, marker: str) -> list[int]:
+    ids = list(tokenizer.encode(marker, add_special_tokens=False))
+    if not ids:
+        raise ValueError(f"think-end marker {marker!r} encodes to no tokens")
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SoftSamplingParams],
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    markers: Sequence[Sequence[int]] | None = None,
+    tokenizer=None,
+    density: str = "official",
+    width: int | None = None,
+) -> list[Trajectory]:
+    """Generate one trajectory per prompt (token-id lists) with per-request ``params``.
+
+    Think-end markers are given as token ids, or encoded from ``params[i].think_end`` with
+    ``tokenizer``. ``width`` is the K of the returned arrays (default: the largest request k).
+    """
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    if markers is None:
+        if tokenizer is None:
+            raise ValueError("pass markers (token ids) or a tokenizer to encode params.think_end")
+        markers = [encode_marker(tokenizer, p.think_end) for p in params]
+    dev = model.device
+    B = len(prompts)
+    emb_w = model.get_input_embeddings().weight
+    P = max(len(p) for p in prompts)
+    input_ids = torch.zeros(B, P, dtype=torch.long, device=dev)
+    attn = torch.zeros(B, P, dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):  # left padding
+        input_ids[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        attn[b, P - len(p):] = 1
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = pos[:, -1] + 1
+
+    batch = SamplingBatch.from_params(list(params), dev, width)
+    soft_enabled = batch.is_soft.clone()
+    tracker = PhaseTracker(markers, [p.thinking_budget for p in params], dev)
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    length = torch.zeros(B, dtype=torch.long, device=dev)
+    n_think = torch.zeros(B, dtype=torch.long, device=dev)
+    steps = []
+    for t in range(max_new_tokens):
+        batch.thinking = tracker.thinking
+        batch.is_soft = tracker.is_soft_phase(soft_enabled)
+        force = tracker.forced_tokens()
+        o = soft_sample(logits, batch, NoiseCounters(batch.seed, torch.full((B,), t, device=dev)),
+                        force_token=force, density=density)
+        o, was_thinking, forced = tracker.advance(o)
+        steps.append((o, forced))
+        length += active.long()
+        n_think += (active & was_thinking).long()
+        active = active & ~torch.isin(o.token, eos)
+        if not bool(active.any()) or t == max_new_tokens - 1:
+            break
+        emb = mix_embeddings(emb_w, o.ids, o.weights)[:, None, :]
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], dim=1)
+        out = model(inputs_embeds=emb, attention_mask=attn, position_ids=next_pos[:, None],
+                    past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+
+    def stack(name):
+        return torch.stack([getattr(o, name) for o, _ in steps], dim=1).cpu()
+
+    ids, noisy, tokens = stack("ids"), stack("noisy"), stack("token")
+    is_soft, logprobs, kept = stack("is_soft"), stack("logprob"), stack("kept")
+    forced_all = torch.stack([f for _, f in steps], dim=1).cpu()
+    trajs = []
+    for b in range(B):
+        n = int(length[b])
+        finished = bool(torch.isin(tokens[b, n - 1], eos.cpu())) if n else False
+        trajs.append(Trajectory(
+            prompt_ids=torch.tensor(list(prompts[b]), dtype=torch.long),
+            tokens=tokens[b, :n].clone(), topk_ids=ids[b, :n].clone(), noisy=noisy[b, :n].clone(),
+            is_soft=is_soft[b, :n].clone(), logprobs=logprobs[b, :n].clone(), forced=forced_all[b, :n].clone(),
+            kept=kept[b, :n].clone(),
+            n_think=int(n_think[b]), finish_reason="stop" if finished else "length", sampling=params[b],
+        ))
+    return trajs
+
+
+def rebuild_weights(traj: Trajectory) -> torch.Tensor:
+    """[R, K] input-mixture weights of every generated position, from the stored values only."""
+    valid = traj.slot_valid()
+    w = soft_weights(traj.noisy, traj.sampling.noise, traj.sampling.tau, valid)
+    K = traj.topk_ids.shape[-1]
+    one_hot = (torch.arange(K) == 0).float().expand_as(w)
+    return torch.where(traj.is_soft[:, None], w, one_hot)
+
+
+def build_inputs_embeds(embedding_weight: torch.Tensor, traj: Trajectory) -> torch.Tensor:
+    """[P + R - 1, H]: prompt token embeddings, then the (detached) input after each step but the last."""
+    dev = embedding_weight.device
+    prompt = embedding_weight[traj.prompt_ids.to(dev)]
+    ids, w = traj.topk_ids[:-1].to(dev), rebuild_weights(traj)[:-1].to(dev)
+    return torch.cat([prompt, mix_embeddings(embedding_weight, ids, w)], dim=0).detach()
+
+
+def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str) -> torch.Tensor:
+    """Per-position log-probs [R] from the logits [R, V] that scored each generated position."""
+    s = traj.sampling
+    zt = logits.float() / traj.position_temperatures().to(logits.device)[:, None]
+    discrete = torch.log_softmax(zt, -1).gather(1, traj.tokens.to(logits.device)[:, None]).squeeze(1)
+    if s.noise == "none" or not bool(traj.is_soft.any()):
+        return discrete
+    ids = traj.topk_ids.to(logits.device)
+    clamp = s.noise_clamp
+    valid = density_slots(traj.slot_valid(), traj.kept, density).to(logits.device)
+    soft = soft_logprob(zt.gather(1, ids), traj.noisy.to(logits.device), density, s.noise_scale, noise=s.noise,
+                        valid=valid, clamp=clamp, dirichlet_alpha=s.dirichlet_alpha)
+    return torch.where(traj.is_soft.to(logits.device), soft, discrete)
+
+
+def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "official",
+                            grad: bool = False) -> list[torch.Tensor]:
+    """Learner-side per-position log-probs of each trajectory (right-padded batch, full logits)."""
+    emb_w = model.get_input_embeddings().weight
+    seqs = [build_inputs_embeds(emb_w, t) for t in trajs]
+    L = max(s.shape[0] for s in seqs)
+    H = emb_w.shape[1]
+    dev = emb_w.device
+    x = torch.zeros(len(seqs), L, H, dtype=emb_w.dtype, device=dev)
+    attn = torch.zeros(len(seqs), L, dtype=torch.long, device=dev)
+    for b, s in enumerate(seqs):
+        x[b, : s.shape[0]] = s
+        attn[b, : s.shape[0]] = 1
+    with torch.set_grad_enabled(grad):
+        logits = model(inputs_embeds=x, attention_mask=attn).logits
+        out = []
+        for b, t in enumerate(trajs):
+            P, R = t.prompt_ids.shape[0], t.num_tokens
+            out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density))
+    return out

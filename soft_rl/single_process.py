@@ -1,0 +1,79 @@
+"""A single-process SofT-GRPO update on an HF model: the plain-torch reference of one learner step.
+
+Given trajectories (from the HF reference or the vLLM engine) and their rewards, it forms GRPO
+advantages per prompt group, recomputes old log-probs with the current weights (the learner never
+trusts rollout log-probs for the ratio), and takes PPO mini-batch steps with the SofT-GRPO (soft
+positions: Gumbel density; discrete positions: token log-prob) or plain GRPO objective. The
+distributed DeepSpeed learner must end at the same parameters on the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from soft_rl.losses import compute_advantages, ppo_policy_loss
+from soft_rl.reference import teacher_forced_logprobs
+from soft_rl.trajectory import Trajectory
+
+
+@dataclass
+class UpdateConfig:
+    density: str = "official"
+    advantage: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    grad_clip: float = 1.0
+
+
+def pad_logprobs(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    R = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), R, dtype=rows[0].dtype, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+def loss_mask(trajs: Sequence[Trajectory]) -> torch.Tensor:
+    """1 for generated positions that were sampled (forced marker tokens are not the policy's)."""
+    return pad_logprobs([(~t.forced).float() for t in trajs])
+
+
+def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Tensor, group: torch.Tensor,
+                cfg: UpdateConfig, ref_model=None) -> dict[str, float]:
+    """One RL step: advantages, old (and reference) log-probs, then PPO epochs over mini-batches."""
+    adv = compute_advantages(cfg.advantage, rewards, group)
+    with torch.no_grad():
+        old = pad_logprobs(teacher_forced_logprobs(model, trajs, cfg.density))
+        ref = pad_logprobs(teacher_forced_logprobs(ref_model, trajs, cfg.density)) if ref_model is not None else None
+    mask = loss_mask(trajs)
+    n = len(trajs)
+    chunks = torch.arange(n).chunk(cfg.mini_batches)
+    metrics: dict[str, float] = {}
+    for _ in range(cfg.ppo_epochs):
+        for idx in chunks:
+            sub = [trajs[i] for i in idx.tolist()]
+            logp = pad_logprobs(teacher_forced_logprobs(model, sub, cfg.density, grad=True))
+            R = logp.shape[1]
+            loss, m = ppo_policy_loss(
+                logp, old[idx, :R], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                dual_clip=cfg.dual_clip, agg=cfg.agg, ref_logp=None if ref is None else ref[idx, :R],
+                kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                metrics["skipped_steps"] = metrics.get("skipped_steps", 0.0) + 1
+            metrics.update({k: float(v) for k, v in m.items()})
+            metrics["grad_norm"] = float(grad_norm)
+    return metrics

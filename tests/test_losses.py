@@ -1,0 +1,133 @@
+"""Losses against hand-computed values and per-element Python re-statements."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from soft_rl.losses import (
+    aggregate,
+    compute_advantages,
+    discrete_logprob,
+    entropy_from_logits,
+    kl_penalty,
+    ppo_policy_loss,
+)
+from soft_rl.metrics import first_k_pass, pass_at_k
+
+X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("token-mean", 7 / 3),                 # (1 + 2 + 4) / 3 tokens
+    ("seq-mean-token-mean", 2.75),         # ((1 + 2) / 2 + 4 / 1) / 2
+    ("seq-mean-token-sum", 3.5),           # (3 + 4) / 2
+    ("seq-mean-token-sum-norm", 7 / 6),    # (3 / 3 + 4 / 3) / 2, constant length = R = 3
+])
+def test_aggregation_modes_hand_values(mode, expected):
+    assert aggregate(X, MASK, mode).item() == pytest.approx(expected)
+
+
+def test_dr_grpo_norm_length_and_unknown_mode():
+    assert aggregate(X, MASK, "seq-mean-token-sum-norm", norm_length=4).item() == pytest.approx(0.875)
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate(X, MASK, "token-sum")
+
+
+def test_grpo_advantages_match_per_group_loop():
+    torch.manual_seed(0)
+    rewards = torch.randint(0, 2, (24,)).float()
+    rewards[:8] = 1.0  # a group with zero variance
+    group = torch.arange(3).repeat_interleave(8)[torch.randperm(24)]
+    adv = compute_advantages("grpo", rewards, group)
+    adv_ns = compute_advantages("grpo_no_std", rewards, group)
+    for g in range(3):
+        idx = (group == g).nonzero().flatten()
+        r = rewards[idx]
+        torch.testing.assert_close(adv[idx], (r - r.mean()) / (r.std() + 1e-6))
+        torch.testing.assert_close(adv_ns[idx], r - r.mean())
+    with pytest.raises(ValueError, match="grpo"):
+        compute_advantages("gae", rewards, group)
+
+
+def ppo_token_reference(lp, old, a, eps_low, eps_high, c):
+    r = math.exp(lp - old)
+    loss = max(-a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high))
+    if c is not None and a < 0:
+        loss = min(loss, -c * a)
+    return loss
+
+
+@pytest.mark.parametrize("eps_low,eps_high,c", [(0.2, 0.2, None), (0.2, 0.28, None), (0.2, 0.2, 3.0),
+                                                (0.1, 0.3, 2.0)])
+def test_ppo_loss_matches_per_token_reference(eps_low, eps_high, c):
+    torch.manual_seed(1)
+    B, R = 4, 6
+    old = torch.randn(B, R)
+    lp = old + torch.randn(B, R) * 0.8  # ratios far outside the clip range too
+    adv = torch.randn(B)
+    mask = (torch.rand(B, R) > 0.3).long()
+    loss, m = ppo_policy_loss(lp, old, adv, mask, clip_low=eps_low, clip_high=eps_high, dual_clip=c)
+    per = torch.tensor([[ppo_token_reference(lp[b, t].item(), old[b, t].item(), adv[b].item(), eps_low, eps_high, c)
+                         for t in range(R)] for b in range(B)])
+    assert loss.item() == pytest.approx(((per * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert 0 < m["clip_frac"].item() < 1
+
+
+def test_ppo_on_policy_gradient_is_policy_gradient():
+    """At ratio 1 the gradient of the token-mean loss is -A * grad(logp) / n_tokens."""
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = ppo_policy_loss(lp, lp.detach(), torch.tensor([2.0]), torch.ones(1, 2))
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.0, -1.0]]))
+    assert loss.item() == pytest.approx(-2.0)
+
+
+def test_kl_estimators():
+    lp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    d = ref - lp
+    torch.testing.assert_close(kl_penalty(lp, ref, "k1"), -d)
+    torch.testing.assert_close(kl_penalty(lp, ref, "k2"), 0.5 * d * d)
+    torch.testing.assert_close(kl_penalty(lp, ref, "k3"), torch.exp(d) - d - 1)
+    assert kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "k3").item() == 10.0  # clamped
+    assert torch.all(kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0)
+
+
+def test_ppo_loss_with_kl_and_entropy_terms():
+    torch.manual_seed(2)
+    lp, old, ref = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    adv, mask, ent = torch.randn(2), torch.ones(2, 3), torch.rand(2, 3)
+    base, _ = ppo_policy_loss(lp, old, adv, mask)
+    full, m = ppo_policy_loss(lp, old, adv, mask, ref_logp=ref, kl_coef=0.1, entropy=ent, entropy_coef=0.01)
+    expected = base + 0.1 * kl_penalty(lp, ref).mean() - 0.01 * ent.mean()
+    assert full.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert m["kl"].item() == pytest.approx(kl_penalty(lp, ref).mean().item(), rel=1e-6)
+
+
+def test_discrete_logprob_and_entropy():
+    torch.manual_seed(3)
+    z = torch.randn(4, 10)
+    x = torch.randint(0, 10, (4,))
+    torch.testing.assert_close(discrete_logprob(z, x, 0.7), torch.log_softmax(z / 0.7, -1)[torch.arange(4), x])
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(entropy_from_logits(z), -(p * p.log()).sum(-1))
+
+
+def test_pass_at_k_against_enumeration():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            outcomes = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_first_k_pass_is_order_dependent():
+    outcomes = [False, False, True, False]
+    assert [first_k_pass(outcomes, k) for k in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # the unbiased one does not depend on order
