@@ -22,6 +22,7 @@ DENSITY_MODES = ("official", "exact")
 
 EPS_LOG = 1e-6  # the reference's floor inside log(p + 1e-6)
 GUMBEL_CLAMP = (-1.5, 3.0)  # the reference's clamp of the standard Gumbel noise
+CLAMP_KINK_TOL = 1e-4
 OFFICIAL_GUMBEL_MASK = -3.0  # slots with log(p-hat + 1e-6) > -3 enter the masked mean
 OFFICIAL_PROB_MASK = 0.05  # Dirichlet/Gaussian: slots with p-hat > 0.05 enter the masked mean
 DIRICHLET_LOGPDF_CLAMP = (-5.0, 3.0)
@@ -123,7 +124,15 @@ def _soft_logprob64(logits_at_ids, noisy, mode, noise_scale, noise, valid, clamp
         if mode == "official":
             g = noisy - mu
             if clamp is not None:
-                g = torch.minimum(torch.maximum(g, clamp[0]), clamp[1])
+                # A slot whose rollout noise was clamped sits exactly on a bound at theta_old, where the
+                # clamp has a kink; float rounding would pick its side at random (and differ between
+                # two forward implementations). Convention: within CLAMP_KINK_TOL of a bound the slot
+                # is censored (value at the bound, no gradient), the one-sided derivative that
+                # treats the clamped sample as carrying no information about theta.
+                lo, hi = clamp
+                at_bound = ((g - lo).abs() < CLAMP_KINK_TOL) | ((g - hi).abs() < CLAMP_KINK_TOL)
+                g = torch.minimum(torch.maximum(g, lo), hi)
+                g = torch.where(at_bound, g.detach(), g)
             return _masked_mean(gumbel_logpdf(g), (mu > OFFICIAL_GUMBEL_MASK) & valid)
         zz = (noisy - mu) / noise_scale
         per_slot = gumbel_logpdf(zz) - torch.log(noise_scale)

@@ -120,3 +120,20 @@ def test_weights_are_rebuilt_like_the_rollout():
     # x / sum(x), not the reference learner's softmax(x / 1)
     torch.testing.assert_close(soft_weights(x, "dirichlet", 1.0), x / x.sum())
     assert not torch.allclose(soft_weights(x, "dirichlet", 1.0), torch.softmax(x, -1))
+
+
+def test_official_clamped_slot_on_the_bound_is_censored():
+    """At theta_old a slot whose noise was clamped sits on the bound: value as clamped, no gradient."""
+    z = torch.tensor([[0.5, 0.0, -0.5]], requires_grad=True)
+    mu = torch.log(torch.softmax(z.detach(), -1) + 1e-6)
+    g = torch.tensor([[3.0, 0.2, -1.5]])  # slots 0 and 2 clamped in the rollout
+    y = mu + g
+    lp = soft_logprob(z, y, "official")
+    expected = sum(-v - math.exp(-v) for v in (3.0, 0.2, -1.5)) / 3
+    assert lp.item() == pytest.approx(expected, abs=1e-6)
+    lp.backward()
+    # only slot 1 carries gradient: d/dz of phi(y1 - mu1(z)) / 3
+    p = torch.softmax(z.detach(), -1)[0]
+    dphi = -1 + math.exp(-0.2)  # phi'(g)
+    dmu1 = torch.tensor([-p[0], 1 - p[1], -p[2]]) * (p[1] / (p[1] + 1e-6))
+    torch.testing.assert_close(z.grad[0], -dphi * dmu1 / 3, atol=1e-5, rtol=1e-4)

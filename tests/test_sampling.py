@@ -248,3 +248,15 @@ def test_uniform_range_and_gumbel_moments():
     # slots and streams are decorrelated
     c = torch.corrcoef(torch.stack([u[:, 0], u[:, 1], rng.uniform(seed, torch.zeros_like(seed), 1, 1)[:, 0]]))
     assert c.abs().triu(1).max() < 0.02
+
+
+def test_bfloat16_logits_give_the_float32_result():
+    torch.manual_seed(5)
+    z = (torch.randn(6, 80) * 2).to(torch.bfloat16)
+    batch = SamplingBatch.from_params([SoftSamplingParams(seed=i) for i in range(6)])
+    counters = NoiseCounters(batch.seed, torch.zeros(6))
+    a = soft_sample(z, batch, counters)
+    b = soft_sample(z.float(), batch, counters)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.token, b.token)
+    assert a.noisy.dtype == torch.float32 and a.logprob.dtype == torch.float32
+    torch.testing.assert_close(a.noisy, b.noisy, atol=0, rtol=0)
