@@ -1,0 +1,206 @@
+"""Typed run configuration: dataclasses with defaults and docs, merged with YAML and key=value overrides.
+
+``load_config("configs/X.yaml", ["rollout.tau=0.25", ...])`` returns a validated ``Config``. Unknown
+keys and wrong types fail in OmegaConf's struct mode (the error names the key); ``validate`` then
+checks cross-field consistency before any actor starts. The defaults are the paper's 1.5B recipe
+(softgrpo-reference.md §3) except where a field says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
+from soft_rl.sampling import SoftSamplingParams
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local HF directory (no hub downloads)
+    dtype: str = "bfloat16"  # bfloat16 | float32 (learner compute and rollout engine)
+    max_model_len: int = 12000
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    n: int = 8  # samples per prompt (the GRPO group)
+    max_new_tokens: int = 8192
+    soft: bool = True  # False: discrete-token GRPO baseline
+    temperature: float = 1.0
+    top_k: int = 5
+    top_p: float = 0.95
+    min_p: float = 0.0
+    answer_temperature: float | None = None  # None: same as the thinking phase
+    answer_top_k: int | None = None
+    answer_top_p: float | None = None
+    answer_min_p: float | None = None
+    k: int = 5  # soft slots K
+    tau: float = 0.1  # Gumbel-softmax temperature tau_g
+    noise: str = "gumbel"  # gumbel | dirichlet | gaussian | none
+    noise_scale: float = 1.0  # lambda
+    noise_clamp: list[float] | None = field(default_factory=lambda: [-1.5, 3.0])
+    dirichlet_alpha: float = 1.0
+    think_end: str = "</think>"
+    thinking_budget: int | None = None
+    kv_cache_gb: int = 1  # CPU engines (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.6
+
+    def sampling_params(self, seed: int) -> SoftSamplingParams:
+        return SoftSamplingParams(
+            soft=self.soft, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            answer_temperature=self.answer_temperature, answer_top_k=self.answer_top_k,
+            answer_top_p=self.answer_top_p, answer_min_p=self.answer_min_p, k=self.k, tau=self.tau,
+            noise=self.noise, noise_scale=self.noise_scale,
+            noise_clamp=None if self.noise_clamp is None else tuple(self.noise_clamp),
+            dirichlet_alpha=self.dirichlet_alpha, think_end=self.think_end, thinking_budget=self.thinking_budget,
+            seed=seed)
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 1
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    mini_batches: int = 2  # optimizer steps per RL step
+    micro_batch_tokens: int = 16384  # token budget per micro-batch (bounds peak memory)
+    density: str = "official"  # official | exact
+    advantage: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.001  # 0 disables the KL term and the reference model
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    sync_bucket_mb: int = 256
+    sync_timeout_s: float = 600.0
+
+
+@dataclass
+class RewardConfig:
+    name: str = "math"  # math | numeric | format | toy | module:function
+    num_actors: int = 2
+    timeout_s: float = 10.0
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    prompts_per_step: int = 64
+    max_prompt_tokens: int = 1024
+    on_error: str = "raise"  # raise | skip (malformed rows)
+    shuffle: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 629
+    eval_every: int = 40
+    eval_n: int = 1
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | gpu
+    colocate: bool = False  # learners and engines share devices
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- key=value overrides, type-checked, then validated."""
+    base = OmegaConf.structured(Config)
+    try:
+        layers = [base]
+        if path is not None:
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must be key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"config key(s) {missing} must be set")
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key '{key}': {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from e
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {why}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that would otherwise fail late, inside an actor."""
+    r, lr, d, t = cfg.rollout, cfg.learner, cfg.data, cfg.trainer
+    _check(cfg.model.dtype in ("bfloat16", "float32"), "model.dtype", "must be bfloat16 or float32")
+    try:
+        r.sampling_params(seed=0)
+    except ValueError as e:
+        raise ConfigError(f"config key 'rollout': {e}") from e
+    _check(r.n >= 2, "rollout.n", "GRPO needs at least 2 samples per prompt")
+    _check(r.num_engines >= 1 and r.tensor_parallel_size >= 1, "rollout.num_engines",
+           "engines and tensor_parallel_size must be >= 1")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(r.noise_clamp is None or len(r.noise_clamp) == 2, "rollout.noise_clamp", "must be [low, high] or null")
+    _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
+    _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
+    _check(lr.density in ("official", "exact"), "learner.density", "must be official or exact")
+    _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
+    _check(lr.kl_kind in ("k1", "k2", "k3", "low_var_kl"), "learner.kl_kind", "must be k1, k2 or k3")
+    _check(lr.dual_clip is None or lr.dual_clip > 1, "learner.dual_clip", "must be > 1 or null")
+    _check(len(lr.betas) == 2, "learner.betas", "must be [beta1, beta2]")
+    _check(not (r.soft and r.noise == "none"), "rollout.noise",
+           "noise=none has no density: SofT-GRPO needs gumbel, dirichlet or gaussian (or set rollout.soft=false)")
+    batch = d.prompts_per_step * r.n
+    _check(d.prompts_per_step % lr.mini_batches == 0, "learner.mini_batches",
+           f"must divide data.prompts_per_step={d.prompts_per_step} (whole GRPO groups per mini-batch)")
+    _check((batch // lr.mini_batches) % lr.world_size == 0, "learner.world_size",
+           f"each mini-batch of {batch // lr.mini_batches} trajectories must split evenly over {lr.world_size} ranks")
+    _check(d.on_error in ("raise", "skip"), "data.on_error", "must be raise or skip")
+    _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
+    _check(t.steps >= 0 and t.eval_every >= 0 and t.save_every >= 0, "trainer.steps", "counts must be >= 0")
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+    _check(cfg.reward.timeout_s > 0 and cfg.reward.num_actors >= 1, "reward.timeout_s",
+           "timeout must be > 0 and num_actors >= 1")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
