@@ -14,12 +14,25 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=12)
     q.add_argument("--seed", type=int, default=0)
     sub.add_parser("version", help="print the pinned stack versions")
+    _add_toy_init(sub)
+    _add_eval(sub)
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
         from soft_rl.quickstart import main as quickstart
 
         quickstart(out_dir=args.out, steps=args.steps, seed=args.seed)
+        return 0
+    if args.command == "toy-init":
+        from soft_rl.toy import toy_init
+
+        toy_init(args.out_dir, seed=args.seed, size=args.size, minutes=args.minutes, steps=args.steps,
+                 threads=args.threads)
+        return 0
+    if args.command == "eval":
+        from workers.eval import run_eval
+
+        run_eval(_eval_run(args))
         return 0
     if args.command == "version":
         from importlib.metadata import version
@@ -33,6 +46,55 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         return 0
     return 2
+
+
+def _add_toy_init(sub) -> None:
+    t = sub.add_parser("toy-init", help="build the embedded toy task: data, tokenizer, warm-started tiny Qwen2")
+    t.add_argument("out_dir", help="output directory (train.jsonl, test.jsonl, model/, toy_init.json)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--size", choices=["tiny", "default"], default="default")
+    t.add_argument("--minutes", type=float, default=10.0, help="wall-clock cap of the whole call")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: the size's recipe)")
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 (default) is far faster than 2 when another process shares the 2 cores")
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="n samples per problem, scored: pass@1, pass@k, first-k pass@k, lengths")
+    e.add_argument("--model", required=True, help="HF model directory")
+    e.add_argument("--data", nargs="+", required=True, help="problem files (.json, .jsonl, .parquet, datasets dir)")
+    e.add_argument("--mode", choices=["soft", "discrete"], default="soft")
+    e.add_argument("--preset", choices=["paper"], default=None,
+                   help="paper: n 32, T 1.0, top-k = K = 5, top-p 0.95, tau 0.1, gumbel, 32768 tokens "
+                        "(explicit flags override it)")
+    for flag, typ in (("--n", int), ("--temperature", float), ("--top-k", int), ("--top-p", float),
+                      ("--min-p", float), ("--k", int), ("--tau", float), ("--noise", str),
+                      ("--max-new-tokens", int), ("--seed", int)):
+        e.add_argument(flag, type=typ, default=None)
+    e.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
+    e.add_argument("--out", default="runs/eval", help="one JSON per dataset is written here")
+    e.add_argument("--reward", default="math", help="math | numeric | format | toy | module:function")
+    e.add_argument("--reward-actors", type=int, default=2, help="0: score in a local child process, no Ray")
+    e.add_argument("--reward-timeout", type=float, default=10.0)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--num-engines", type=int, default=1)
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
+    e.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+
+
+def _eval_run(args):
+    from soft_rl.evaluation import EvalSettings
+    from workers.eval import EvalRun
+
+    names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    settings = EvalSettings.paper(mode=args.mode, **given) if args.preset == "paper" \
+        else EvalSettings(mode=args.mode, **given)
+    return EvalRun(model=args.model, data=args.data, settings=settings, backend=args.backend, out=args.out,
+                   reward=args.reward, reward_actors=args.reward_actors, reward_timeout_s=args.reward_timeout,
+                   batch_size=args.batch_size, num_engines=args.num_engines, dtype=args.dtype, limit=args.limit,
+                   on_error=args.on_error)
 
 
 if __name__ == "__main__":

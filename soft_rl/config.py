@@ -76,6 +76,7 @@ class LearnerConfig:
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
     ppo_epochs: int = 1
     mini_batches: int = 2  # optimizer steps per RL step

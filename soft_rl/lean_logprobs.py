@@ -76,3 +76,37 @@ def position_logprobs_lean(
                           dirichlet_alpha=alpha)
         out = out.index_put((soft,), lp)
     return out
+
+
+def head_logprobs(
+    disc_logits: torch.Tensor,
+    soft_logits: torch.Tensor,
+    *,
+    is_soft: torch.Tensor,
+    tokens: torch.Tensor,
+    noisy: torch.Tensor,
+    temperature: torch.Tensor,
+    slots: torch.Tensor,
+    density: str,
+    noise: str,
+    noise_scale: float = 1.0,
+    clamp: tuple[float, float] | None = (-1.5, 3.0),
+    dirichlet_alpha: float = 1.0,
+) -> torch.Tensor:
+    """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
+    ``disc_logits`` [Nd, V] at the discrete positions and ``soft_logits`` [Ns, K] (logits at the stored
+    ids) at the soft ones, both in position order."""
+    N = is_soft.shape[0]
+    out = torch.zeros(N, dtype=torch.float32, device=is_soft.device)
+    disc = (~is_soft).nonzero().flatten()
+    soft = is_soft.nonzero().flatten()
+    if disc.numel():
+        z = disc_logits.float() / temperature[disc, None]
+        lp = z.gather(1, tokens[disc, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        out = out.index_put((disc,), lp)
+    if soft.numel():
+        z = soft_logits.float() / temperature[soft, None]
+        lp = soft_logprob(z, noisy[soft], density, noise_scale, noise=noise, valid=slots[soft], clamp=clamp,
+                          dirichlet_alpha=dirichlet_alpha)
+        out = out.index_put((soft,), lp)
+    return out

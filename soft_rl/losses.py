@@ -88,39 +88,48 @@ def register_aggregation(name: str):
     return deco
 
 
+# Each aggregation returns (numerator, denominator) so that a batch split over micro-batches and
+# data-parallel ranks aggregates exactly like the whole batch: sum(numerators) / sum(denominators).
+
 @register_aggregation("token-mean")
 def _token_mean(x, mask, norm_length=None):
     """sum over all tokens / number of tokens (every token weighs the same)."""
-    m = mask.float()
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    m = mask.to(x.dtype)
+    return (x * m).sum(), m.sum()
 
 
 @register_aggregation("seq-mean-token-mean")
 def _seq_mean_token_mean(x, mask, norm_length=None):
     """mean over sequences of each sequence's token mean (every sequence weighs the same)."""
-    m = mask.float()
+    m = mask.to(x.dtype)
     per_seq = (x * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-    has = (m.sum(-1) > 0).float()
-    return (per_seq * has).sum() / has.sum().clamp_min(1.0)
+    has = (m.sum(-1) > 0).to(x.dtype)
+    return (per_seq * has).sum(), has.sum()
 
 
 @register_aggregation("seq-mean-token-sum")
 def _seq_mean_token_sum(x, mask, norm_length=None):
     """mean over sequences of each sequence's token sum."""
-    return (x * mask.float()).sum(-1).mean()
+    return (x * mask.to(x.dtype)).sum(), x.new_tensor(float(x.shape[0]))
 
 
 @register_aggregation("seq-mean-token-sum-norm")
 def _seq_mean_token_sum_norm(x, mask, norm_length=None):
     """Dr.GRPO: sum over tokens / a constant length (default: the padded length R), mean over sequences."""
     L = float(norm_length if norm_length is not None else x.shape[-1])
-    return ((x * mask.float()).sum(-1) / L).mean()
+    return (x * mask.to(x.dtype)).sum() / L, x.new_tensor(float(x.shape[0]))
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
+def aggregate_parts(x: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None):
+    """(numerator, denominator) of the aggregation ``mode``."""
     if mode not in LOSS_AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; known: {sorted(LOSS_AGGREGATIONS)}")
     return LOSS_AGGREGATIONS[mode](x, mask, norm_length)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
+    num, den = aggregate_parts(x, mask, mode, norm_length)
+    return num / den.clamp_min(1.0)
 
 
 # ---------------------------------------------------------------- KL
@@ -140,6 +149,24 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", cla
 
 
 # ---------------------------------------------------------------- PPO / GRPO policy loss
+
+def ppo_token_losses(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+    """Per-token clipped surrogate (see ppo_policy_loss) and its intermediate terms."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    surr1 = -advantages * ratio
+    surr2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = torch.maximum(surr1, surr2)
+    per_token = clipped
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        per_token = torch.where(advantages < 0, torch.minimum(clipped, -dual_clip * advantages), clipped)
+    return per_token, dict(log_ratio=log_ratio, ratio=ratio, surr1=surr1, surr2=surr2, clipped=clipped,
+                           advantages=advantages)
+
 
 def ppo_policy_loss(
     logp: torch.Tensor,
@@ -166,18 +193,10 @@ def ppo_policy_loss(
     loss = agg(l) + beta * agg(KL(pi || ref)) - entropy_coef * agg(H)
     ``advantages`` may be [B] (broadcast over the response) or [B, R].
     """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand_as(logp)
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    surr1 = -advantages * ratio
-    surr2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    clipped = torch.maximum(surr1, surr2)
-    per_token = clipped
-    if dual_clip is not None:
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-        per_token = torch.where(advantages < 0, torch.minimum(clipped, -dual_clip * advantages), clipped)
+    per_token, parts = ppo_token_losses(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                                        dual_clip=dual_clip)
+    log_ratio, ratio, surr1, surr2, clipped = (parts[k] for k in ("log_ratio", "ratio", "surr1", "surr2", "clipped"))
+    advantages = parts["advantages"]
     loss = aggregate(per_token, mask, agg, norm_length)
     m = mask.float()
     n = m.sum().clamp_min(1.0)

@@ -51,8 +51,13 @@ def uniform(seed: torch.Tensor, step: torch.Tensor, n: int, stream: int, offset:
     u = (k + 0.5) / 2^23 with k the top 23 bits of the hash, so u lies in [2^-24, 1 - 2^-24]:
     never exactly 0 or 1, hence -log(u) and -log(-log(u)) are always finite.
     """
-    slot = torch.arange(offset, offset + n, device=seed.device, dtype=torch.int64)
-    h = hash_counters(seed[:, None], step[:, None], slot[None, :], stream)
+    return uniform_at(seed, step, torch.arange(offset, offset + n, device=seed.device, dtype=torch.int64), stream)
+
+
+def uniform_at(seed: torch.Tensor, step: torch.Tensor, slots: torch.Tensor, stream: int) -> torch.Tensor:
+    """U(0,1) of shape [B, *slots.shape] at explicit slot indices (same values as ``uniform``)."""
+    shape = (-1,) + (1,) * slots.dim()
+    h = hash_counters(seed.view(shape), step.view(shape), slots.unsqueeze(0), stream)
     return ((h >> 9).to(torch.float32) + 0.5) * (2.0**-23)
 
 

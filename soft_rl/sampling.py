@@ -207,20 +207,27 @@ def truncate_sorted(p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
     return keep
 
 
+GAMMA_SLOT_STRIDE = 4096  # slot index of attempt a, soft slot k: a * stride + k (independent of K)
+
+
 def _gamma(seed, step, conc: torch.Tensor, attempts: int = 24) -> torch.Tensor:
     """Gamma(conc, 1) by Marsaglia-Tsang with a fixed number of vectorised attempts.
 
     For a < 1 draw Gamma(a + 1) and multiply by u^(1/a). Acceptance per attempt is > 95%, so the
-    chance that all attempts fail is < 1e-30; the last candidate is used then.
+    chance that all attempts fail is < 1e-30; the last candidate is used then. The draws of slot k
+    do not depend on the batch width K (engines pad to their own K).
     """
     B, K = conc.shape
     boost = conc < 1
     a = torch.where(boost, conc + 1.0, conc)
     d = a - 1.0 / 3.0
     c = 1.0 / torch.sqrt(9.0 * d)
-    n = K * attempts
-    x = rng.normal(seed, step, n, (rng.STREAM_GAMMA, rng.STREAM_GAMMA + 1)).view(B, attempts, K)
-    u = rng.uniform(seed, step, n, rng.STREAM_GAMMA + 2).view(B, attempts, K)
+    slots = (torch.arange(attempts, device=conc.device)[:, None] * GAMMA_SLOT_STRIDE
+             + torch.arange(K, device=conc.device)[None, :])  # [attempts, K]
+    u1 = rng.uniform_at(seed, step, slots, rng.STREAM_GAMMA)
+    u2 = rng.uniform_at(seed, step, slots, rng.STREAM_GAMMA + 1)
+    x = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)  # Box-Muller N(0, 1)
+    u = rng.uniform_at(seed, step, slots, rng.STREAM_GAMMA + 2)
     v = (1.0 + c[:, None, :] * x) ** 3
     ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d[:, None, :] - d[:, None, :] * v
                     + d[:, None, :] * torch.log(v.clamp_min(1e-30)))

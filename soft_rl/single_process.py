@@ -48,8 +48,11 @@ def loss_mask(trajs: Sequence[Trajectory]) -> torch.Tensor:
 
 
 def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Tensor, group: torch.Tensor,
-                cfg: UpdateConfig, ref_model=None) -> dict[str, float]:
-    """One RL step: advantages, old (and reference) log-probs, then PPO epochs over mini-batches."""
+                cfg: UpdateConfig, ref_model=None, per_step_metrics: bool = False):
+    """One RL step: advantages, old (and reference) log-probs, then PPO epochs over mini-batches.
+
+    Returns the last mini-batch's metrics, or with ``per_step_metrics`` the gradient norm of every
+    optimizer step."""
     adv = compute_advantages(cfg.advantage, rewards, group)
     with torch.no_grad():
         old = pad_logprobs(teacher_forced_logprobs(model, trajs, cfg.density))
@@ -58,6 +61,7 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     n = len(trajs)
     chunks = torch.arange(n).chunk(cfg.mini_batches)
     metrics: dict[str, float] = {}
+    norms: list[float] = []
     for _ in range(cfg.ppo_epochs):
         for idx in chunks:
             sub = [trajs[i] for i in idx.tolist()]
@@ -76,4 +80,5 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
                 metrics["skipped_steps"] = metrics.get("skipped_steps", 0.0) + 1
             metrics.update({k: float(v) for k, v in m.items()})
             metrics["grad_norm"] = float(grad_norm)
-    return metrics
+            norms.append(float(grad_norm))
+    return norms if per_step_metrics else metrics

@@ -60,3 +60,17 @@ def tiny_hf(request, tiny_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / request.param).eval()
     return request.param, model
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (token auth off: a loopback test cluster).
+
+    4 logical CPUs on a 2-core machine: actors here mostly wait on each other, and fractional
+    CPU requests keep several pools (reward, learner, rollout) schedulable at once.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -158,16 +158,6 @@ def test_child_dies_with_its_parent(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def math_pool(ray_cluster):
     pool = RewardPool(num_actors=2, reward="math", timeout_s=2.0)
     yield pool

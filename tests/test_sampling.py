@@ -260,3 +260,17 @@ def test_bfloat16_logits_give_the_float32_result():
     assert torch.equal(a.ids, b.ids) and torch.equal(a.token, b.token)
     assert a.noisy.dtype == torch.float32 and a.logprob.dtype == torch.float32
     torch.testing.assert_close(a.noisy, b.noisy, atol=0, rtol=0)
+
+
+def test_noise_does_not_depend_on_the_array_width():
+    """An engine pads every request to its own K: a request's draws must not change with it."""
+    torch.manual_seed(6)
+    z = torch.randn(3, 60)
+    for noise in ("gumbel", "dirichlet", "gaussian"):
+        params = [SoftSamplingParams(seed=s, noise=noise, k=4) for s in (1, 2, 3)]
+        outs = []
+        for width in (4, 9):
+            batch = SamplingBatch.from_params(params, width=width)
+            outs.append(soft_sample(z, batch, NoiseCounters(batch.seed, torch.full((3,), 5))))
+        assert torch.equal(outs[0].ids, outs[1].ids[:, :4]), noise
+        torch.testing.assert_close(outs[0].noisy, outs[1].noisy[:, :4], atol=0, rtol=0)

@@ -1,0 +1,94 @@
+"""Turning trajectories into learner micro-batches (pure torch; the learner actors call these).
+
+A micro-batch is a right-padded batch of prompt+response sequences whose inputs are the detached
+mixed embeddings rebuilt from the stored values, plus flat indices of the scored positions: the
+logits at sequence position P - 1 + t score generated step t. Soft positions keep their K ids so the
+head computes only K logits there; discrete positions get the full vocabulary.
+Micro-batches are cut by a token budget so that peak memory stays bounded for long responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from soft_rl.densities import density_slots
+from soft_rl.reference import build_inputs_embeds
+from soft_rl.trajectory import Trajectory
+
+
+def split_by_token_budget(trajs: Sequence[Trajectory], budget: int) -> list[list[int]]:
+    """Consecutive groups of trajectory indices whose padded size (n * longest) fits the budget.
+
+    A single trajectory longer than the budget gets a micro-batch of its own.
+    """
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i, t in enumerate(trajs):
+        L = t.prompt_ids.shape[0] + t.num_tokens - 1
+        if cur and (len(cur) + 1) * max(longest, L) > budget:
+            groups.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, L)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@dataclass
+class MicroBatch:
+    inputs_embeds: torch.Tensor  # [B, L, H] detached
+    attention_mask: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    disc_rows: torch.Tensor  # flat indices (b * L + s) of discrete scored positions
+    soft_rows: torch.Tensor  # flat indices of soft scored positions
+    soft_ids: torch.Tensor  # [Ns, K]
+    # per scored position, in the order: all positions of trajectory 0, then 1, ... (length N)
+    order_is_soft: torch.Tensor  # [N] bool
+    tokens: torch.Tensor  # [N]
+    noisy: torch.Tensor  # [N, K]
+    temperature: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N, K] slots entering the soft density
+    lengths: list[int]  # R per trajectory, to split the N positions back
+
+
+def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory], density: str) -> MicroBatch:
+    dev = embedding_weight.device
+    seqs = [build_inputs_embeds(embedding_weight, t) for t in trajs]
+    B, L, H = len(seqs), max(s.shape[0] for s in seqs), embedding_weight.shape[1]
+    x = torch.zeros(B, L, H, dtype=embedding_weight.dtype, device=dev)
+    attn = torch.zeros(B, L, dtype=torch.long, device=dev)
+    for b, s in enumerate(seqs):
+        x[b, : s.shape[0]] = s
+        attn[b, : s.shape[0]] = 1
+    pos = torch.arange(L, device=dev).expand(B, L)
+    flat, is_soft, tokens, noisy, temps, slots, ids, lengths = [], [], [], [], [], [], [], []
+    for b, t in enumerate(trajs):
+        P, R = t.prompt_ids.shape[0], t.num_tokens
+        flat.append(b * L + P - 1 + torch.arange(R))
+        is_soft.append(t.is_soft)
+        tokens.append(t.tokens)
+        noisy.append(t.noisy)
+        temps.append(t.position_temperatures())
+        slots.append(density_slots(t.slot_valid(), t.kept, density))
+        ids.append(t.topk_ids)
+        lengths.append(R)
+    flat_t, soft_t = torch.cat(flat), torch.cat(is_soft)
+    ids_t = torch.cat(ids)
+    return MicroBatch(
+        inputs_embeds=x, attention_mask=attn, position_ids=pos,
+        disc_rows=flat_t[~soft_t].to(dev), soft_rows=flat_t[soft_t].to(dev), soft_ids=ids_t[soft_t].to(dev),
+        order_is_soft=soft_t.to(dev), tokens=torch.cat(tokens).to(dev), noisy=torch.cat(noisy).to(dev),
+        temperature=torch.cat(temps).to(dev), slots=torch.cat(slots).to(dev), lengths=lengths)
+
+
+def pad_rows(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Split a flat [N] vector by lengths and right-pad to [B, max(lengths)]."""
+    out = values.new_zeros(len(lengths), max(lengths) if lengths else 0)
+    for b, chunk in enumerate(values.split(lengths)):
+        out[b, : chunk.shape[0]] = chunk
+    return out

@@ -1,0 +1,404 @@
+"""DeepSpeed ZeRO learner actors: one data-parallel group computing the SofT-GRPO / GRPO update.
+
+``LearnerGroup`` (driver side) owns N ``LearnerWorker`` Ray actors. Rank 0 picks its address and a
+free port; all ranks join one torch.distributed group (gloo on CPU, NCCL on GPU) and wrap the policy
+in a DeepSpeed engine (ZeRO stage 0-3, optional CPU offload, bf16 or fp32).
+
+Exactness across ranks and micro-batches: the group computes each mini-batch's global loss
+denominator (tokens or sequences, depending on the aggregation) and every micro-batch contributes
+numerator / global denominator, times the world size to undo DeepSpeed's gradient averaging. So N
+ranks x M micro-batches give the same update as one process on the whole mini-batch. Every rank
+runs the same number of forwards (empty slots run a zero-weight dummy), because ZeRO-3 forwards
+and ZeRO-2/3 backwards are collectives.
+
+Forward: the detached soft inputs are rebuilt from the stored values with the embedding matrix
+(under ZeRO-3 only that matrix is gathered); the head computes full-vocabulary logits at discrete
+positions and only K logits (hidden . W[ids]) at soft positions.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import timedelta
+
+import ray
+import torch
+
+from soft_rl.config import LearnerConfig
+from soft_rl.lean_logprobs import head_logprobs
+from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
+from soft_rl.losses import aggregate_parts, kl_penalty, ppo_token_losses
+from soft_rl.trajectory import Trajectory
+
+
+class PolicyWithSoftHead(torch.nn.Module):
+    """An HF causal LM whose forward returns (logits at discrete positions, K logits at soft positions).
+
+    Soft logits read K rows of the output matrix directly (hidden . W[ids]); under ZeRO-3 that matrix
+    is registered as an external parameter of this wrapper, so DeepSpeed keeps it gathered for the
+    whole forward and routes its gradient.
+    """
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf = hf_model
+
+    def backbone(self):
+        return getattr(self.hf, self.hf.base_model_prefix)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, disc_rows, soft_rows, soft_ids):
+        h = self.backbone()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            position_ids=position_ids).last_hidden_state
+        flat = h.reshape(-1, h.shape[-1])
+        head = self.hf.get_output_embeddings()
+        soft_logits = torch.einsum("nh,nkh->nk", flat[soft_rows], head.weight[soft_ids])
+        if head.bias is not None:
+            soft_logits = soft_logits + head.bias[soft_ids]
+        disc_logits = head(flat[disc_rows])
+        return disc_logits, soft_logits
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips (and counts) a step whose gradients are not finite on any rank.
+
+    DeepSpeed calls the client optimizer's step on its (flattened, partitioned) fp32 parameters after
+    clipping; a non-finite global norm leaves non-finite gradients there, which we detect
+    collectively so that every rank skips together.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped = 0
+
+    def step(self, closure=None):
+        finite = torch.ones(1)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    finite.zero_()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.skipped += 1
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return None
+        return super().step(closure)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict:
+    zero: dict = {"stage": cfg.zero_stage, "overlap_comm": False}
+    if cfg.offload_optimizer and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params and cfg.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # step() is the boundary: variable micro-batch counts
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerWorker:
+    """One data-parallel rank (a Ray actor; see ``LearnerGroup``)."""
+
+    def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict, dtype: str = "float32",
+                 seed: int = 0, device: str = "cpu"):
+        self.rank, self.world_size = rank, world_size
+        self.model_path, self.cfg, self.dtype, self.seed = model_path, LearnerConfig(**cfg), dtype, seed
+        self.device = device
+        self.engine = None
+        self.ref = None
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init(self, addr: str, port: int) -> int:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank), LOCAL_RANK="0",
+                          WORLD_SIZE=str(self.world_size))
+        backend = "nccl" if self.device == "gpu" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, rank=self.rank, world_size=self.world_size,
+                                   verbose=False, timeout=timedelta(seconds=self.cfg.sync_timeout_s))
+        torch.manual_seed(self.seed)
+        torch_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        hf.config.use_cache = False
+        self.policy = PolicyWithSoftHead(hf)
+        c = self.cfg
+        opt = GuardedAdamW(self.policy.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
+                           weight_decay=c.weight_decay)
+        self.optimizer = opt
+        self.engine, *_ = deepspeed.initialize(model=self.policy, optimizer=opt,
+                                               config=deepspeed_config(c, self.dtype))
+        self._register_head(self.engine.module)
+        self.compute_dtype = torch_dtype
+        if c.kl_coef:
+            ref_hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+            ref_hf.config.use_cache = False
+            ref = PolicyWithSoftHead(ref_hf).eval().requires_grad_(False)
+            if c.zero_stage == 3:
+                ref_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                           "bf16": {"enabled": self.dtype == "bfloat16"}, "steps_per_print": 1 << 30}
+                self.ref, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
+                self._register_head(self.ref.module)
+            else:
+                self.ref = ref.to(torch_dtype)
+        return self.rank
+
+    def _register_head(self, module: PolicyWithSoftHead) -> None:
+        import deepspeed
+
+        w = module.hf.get_output_embeddings().weight
+        if hasattr(w, "ds_id"):  # ZeRO-3: the soft head reads W outside the LM head's own forward
+            deepspeed.zero.register_external_parameter(module, w)
+
+    # ------------------------------------------------------------------ forward
+
+    def _embedding_weight(self, module) -> torch.Tensor:
+        return module.hf.get_input_embeddings().weight
+
+    def _micro_batch(self, module, trajs: Sequence[Trajectory]) -> MicroBatch:
+        """Rebuild the detached soft inputs; under ZeRO-3 gather only the embedding matrix."""
+        import deepspeed
+
+        emb = self._embedding_weight(module)
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
+            return build_micro_batch(emb.detach(), trajs, self.cfg.density)
+
+    def _forward(self, engine, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, list[int]]:
+        """Per-position log-probs (flat, trajectory after trajectory) of a non-empty micro-batch."""
+        module = engine.module if hasattr(engine, "module") else engine
+        mb = self._micro_batch(module, trajs)
+        disc_logits, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
+                                          mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids)
+        s = trajs[0].sampling
+        return head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens,
+                             noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
+                             noise=s.noise if s.noise != "none" else "gumbel", noise_scale=s.noise_scale,
+                             clamp=s.noise_clamp, dirichlet_alpha=s.dirichlet_alpha), mb.lengths
+
+    def _filler_forward(self, engine, micro_batches: list[list[Trajectory]]) -> torch.Tensor:
+        """A zero-weight forward for a rank with fewer micro-batches than the others.
+
+        ZeRO-3 forwards (parameter gathers, and its cross-rank check of the recorded module trace)
+        and ZeRO-2/3 backwards are collectives, so every rank runs the same number. The filler reruns
+        this rank's first trajectory, so its module trace is that of a real micro-batch.
+        """
+        real = [mb for mb in micro_batches if mb]
+        if not real:
+            raise RuntimeError("a learner rank received no trajectories; send at least world_size trajectories")
+        flat, _ = self._forward(engine, real[0][:1])
+        return 0.0 * flat.sum()
+
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list[list[Trajectory]], which: str = "policy") -> list[torch.Tensor]:
+        """Log-probs of every trajectory, [R] each, with the current policy or the frozen reference."""
+        engine = self.engine if which == "policy" else self.ref
+        if engine is None:
+            raise RuntimeError("no reference model: it exists only when learner.kl_coef > 0")
+        engine.eval() if hasattr(engine, "eval") else None
+        out: list[torch.Tensor] = []
+        for trajs in micro_batches:
+            if not trajs:
+                self._filler_forward(engine, micro_batches)
+                continue
+            flat, lengths = self._forward(engine, trajs)
+            out += [x.cpu() for x in flat.split(lengths)]
+        return out
+
+    def train_mini_batch(self, micro_batches: list[list[Trajectory]], advantages: list[torch.Tensor],
+                         old: list[list[torch.Tensor]], ref: list[list[torch.Tensor]] | None,
+                         denominator: float, norm_length: int | None) -> dict[str, float]:
+        """Accumulate every micro-batch's share of the global loss, then one optimizer step."""
+        c = self.cfg
+        self.engine.train()
+        sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "logratio": 0.0}
+        for i, trajs in enumerate(micro_batches):
+            if not trajs:
+                self.engine.backward(self._filler_forward(self.engine, micro_batches), scale_wrt_gas=False)
+                continue
+            flat, lengths = self._forward(self.engine, trajs)
+            logp = pad_rows(flat, lengths)
+            old_lp = pad_rows(torch.cat(old[i]), lengths)
+            mask = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), lengths)
+            per_token, parts = ppo_token_losses(logp, old_lp, advantages[i], clip_low=c.clip_low,
+                                                clip_high=c.clip_high, dual_clip=c.dual_clip)
+            num, _ = aggregate_parts(per_token, mask, c.loss_agg, norm_length)
+            loss = num / denominator
+            if ref is not None and c.kl_coef:
+                ref_lp = pad_rows(torch.cat(ref[i]), lengths)
+                kl_num, _ = aggregate_parts(kl_penalty(logp, ref_lp, c.kl_kind), mask, c.loss_agg, norm_length)
+                loss = loss + c.kl_coef * kl_num / denominator
+                sums["kl"] += float(kl_num)
+            # DeepSpeed averages gradients over the data-parallel ranks; the loss is a global sum.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            sums["pg"] += float(num)
+            sums["clip"] += float(((parts["surr2"] > parts["surr1"]).float() * mask).sum())
+            sums["tokens"] += float(mask.sum())
+            sums["logratio"] += float((parts["log_ratio"].abs() * mask).sum())
+        skipped_before = self.optimizer.skipped
+        self.engine.step()
+        sums["skipped"] = float(self.optimizer.skipped - skipped_before)
+        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        return sums
+
+    # ------------------------------------------------------------------ weights
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named full tensors (gathered layer by layer under ZeRO-3); on every rank."""
+        import deepspeed
+
+        out = {}
+        for name, p in self.engine.module.hf.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                out[name] = p.detach().clone().float().cpu()
+        return out
+
+    def skipped_steps(self) -> int:
+        return self.optimizer.skipped
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, tmp_dir: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint (model, optimizer, scheduler) + RNG states into ``tmp_dir`` (all ranks)."""
+        state = dict(client_state, torch_rng=torch.get_rng_state(), skipped=self.optimizer.skipped)
+        self.engine.save_checkpoint(tmp_dir, tag="state", client_state=state)
+        torch.distributed.barrier()
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        _, client = self.engine.load_checkpoint(ckpt_dir, tag="state")
+        if client is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+        torch.set_rng_state(client.pop("torch_rng"))
+        self.optimizer.skipped = client.pop("skipped", 0)
+        return client
+
+    def export_hf(self, out_dir: str, tokenizer_dir: str | None) -> None:
+        """save_pretrained of the gathered weights (rank 0 writes; every rank gathers)."""
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        model.load_state_dict(state, strict=False)
+        model.save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(tokenizer_dir or self.model_path).save_pretrained(out_dir)
+
+
+class LearnerGroup:
+    """Driver-side handle of N learner ranks."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, *, dtype: str = "float32", seed: int = 0,
+                 device: str = "cpu", num_cpus_per_actor: float = 0.5, norm_length: int | None = None):
+        self.cfg, self.norm_length = cfg, norm_length
+        n = cfg.world_size
+        actor = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=1 if device == "gpu" else 0)(LearnerWorker)
+        self.actors = [actor.remote(r, n, model_path, asdict(cfg), dtype, seed, device) for r in range(n)]
+        addr, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.init.remote(addr, port) for a in self.actors])
+
+    def _shard(self, trajs: Sequence[Trajectory]) -> tuple[list[list[list[Trajectory]]], list[list[list[int]]]]:
+        """Contiguous shards per rank, each cut into micro-batches by the token budget and padded
+        with empty micro-batches to a common count."""
+        n = len(self.actors)
+        bounds = [round(r * len(trajs) / n) for r in range(n + 1)]
+        per_rank_idx = [list(range(bounds[r], bounds[r + 1])) for r in range(n)]
+        micro_idx = []
+        for idx in per_rank_idx:
+            groups = split_by_token_budget([trajs[i] for i in idx], self.cfg.micro_batch_tokens) if idx else []
+            micro_idx.append([[idx[j] for j in g] for g in groups])
+        if len(trajs) < n:
+            raise ValueError(f"{len(trajs)} trajectories for {n} learner ranks: every rank needs at least one")
+        m = max(len(g) for g in micro_idx)
+        micro_idx = [g + [[] for _ in range(m - len(g))] for g in micro_idx]
+        return [[[trajs[i] for i in mb] for mb in g] for g in micro_idx], micro_idx
+
+    def logprobs(self, trajs: Sequence[Trajectory], which: str = "policy") -> list[torch.Tensor]:
+        shards, idx = self._shard(trajs)
+        results = ray.get([a.logprobs.remote(s, which) for a, s in zip(self.actors, shards, strict=True)])
+        out: list[torch.Tensor | None] = [None] * len(trajs)
+        for r, res in enumerate(results):
+            flat_idx = [i for mb in idx[r] for i in mb]
+            for i, lp in zip(flat_idx, res, strict=True):
+                out[i] = lp
+        return out  # type: ignore[return-value]
+
+    def train_mini_batch(self, trajs: Sequence[Trajectory], advantages: torch.Tensor, old: Sequence[torch.Tensor],
+                         ref: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+        shards, idx = self._shard(trajs)
+        masks = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), [t.num_tokens for t in trajs])
+        _, den = aggregate_parts(masks, masks, self.cfg.loss_agg, self.norm_length)
+        den = max(float(den), 1.0)
+        calls = []
+        for a, r in zip(self.actors, range(len(self.actors)), strict=True):
+            adv = [advantages[mb] if mb else torch.zeros(0) for mb in idx[r]]
+            o = [[old[i] for i in mb] for mb in idx[r]]
+            rf = None if ref is None else [[ref[i] for i in mb] for mb in idx[r]]
+            calls.append(a.train_mini_batch.remote(shards[r], adv, o, rf, den, self.norm_length))
+        parts = ray.get(calls)
+        tokens = max(sum(p["tokens"] for p in parts), 1.0)
+        return {
+            "pg_loss": sum(p["pg"] for p in parts) / den,
+            "kl": sum(p["kl"] for p in parts) / den,
+            "clip_frac": sum(p["clip"] for p in parts) / tokens,
+            "abs_log_ratio": sum(p["logratio"] for p in parts) / tokens,
+            "grad_norm": parts[0]["grad_norm"],
+            "skipped_steps": parts[0]["skipped"],
+        }
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        # a collective under ZeRO-3: every rank gathers, rank 0's copy is returned
+        return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
+
+    def save_checkpoint(self, root: str, step: int, client_state: dict | None = None, keep: int = 3) -> str:
+        """Atomic checkpoint ``root/step-<N>``: written into a temporary directory, then renamed;
+        only the newest ``keep`` are kept. ``client_state`` carries the driver's state."""
+        import shutil
+        from pathlib import Path
+
+        root_p = Path(root)
+        root_p.mkdir(parents=True, exist_ok=True)
+        final = root_p / f"step-{step:08d}"
+        tmp = root_p / f".tmp-step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = dict(client_state or {}, step=step)
+        ray.get([a.save_checkpoint.remote(str(tmp), state) for a in self.actors])
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(root_p.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return str(final)
+
+    def load_checkpoint(self, ckpt_dir: str) -> dict:
+        return ray.get([a.load_checkpoint.remote(ckpt_dir) for a in self.actors])[0]
+
+    def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str:
+        ray.get([a.export_hf.remote(out_dir, tokenizer_dir) for a in self.actors])
+        return out_dir
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,140 @@
+"""Rollout actors: ``RolloutWorker`` (one soft-thinking vLLM engine per Ray actor) and ``RolloutPool``.
+
+    pool = RolloutPool(num_workers=2, model_dir=path, engine_kwargs={"dtype": "bfloat16", "max_k": 8})
+    trajs = pool.generate([RolloutRequest(prompt_ids, SoftSamplingParams(...), max_new_tokens=512), ...])
+    pool.update_weights(policy.state_dict().items())   # through the Ray object store
+    pool.shutdown()
+
+Weight sync: ``update_weights`` receives (name, tensor) pairs through the Ray object store (one
+``ray.put`` shared by all workers) and reloads them in place (``reload_weights``; on CPU
+``load_weights`` fails after start-up). A torch.distributed broadcast-group receiver (learner rank 0
+broadcasting straight into the engines) is NOT implemented yet: it is the follow-up for large
+models, where one object-store copy per node is too slow.
+
+Each worker must be shut down explicitly (``shutdown``): vLLM engines killed with their actor leak
+/dev/shm segments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from soft_rl.sampling import SoftSamplingParams
+from soft_rl.trajectory import Trajectory
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+
+# vLLM-on-CPU settings an actor needs before vLLM is imported (the caller's values win).
+DEFAULT_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+_FORWARDED = ("VLLM_", "OMP_", "TORCHINDUCTOR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "LD_PRELOAD")
+
+
+@dataclass
+class RolloutRequest:
+    prompt_ids: list[int]
+    params: SoftSamplingParams
+    max_new_tokens: int
+
+
+class RolloutWorker:
+    """Owns one ``SoftEngine`` (tensor-parallel size from ``engine_kwargs``); used as a Ray actor."""
+
+    def __init__(self, model_dir: str, engine_kwargs: dict | None = None, env: dict[str, str] | None = None):
+        for k, v in {**DEFAULT_ENV, **(env or {})}.items():
+            os.environ.setdefault(k, str(v))
+        from workers.vllm_soft import SoftEngine
+
+        self.model_dir = str(model_dir)
+        self.engine = SoftEngine(self.model_dir, **(engine_kwargs or {}))
+        self.generated = 0
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[Trajectory]:
+        if not requests:
+            return []
+        trajs = self.engine.generate([r.prompt_ids for r in requests], [r.params for r in requests],
+                                     [r.max_new_tokens for r in requests])
+        self.generated += len(trajs)
+        return trajs
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> int:
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        return self.engine.update_weights(items)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
+
+    def health(self) -> dict:
+        return {"ok": not self.engine._closed, "pid": os.getpid(), "model": self.model_dir,
+                "generated": self.generated, **self.engine.stats()}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class RolloutPool:
+    """N ``RolloutWorker`` actors; ``generate`` splits a batch into contiguous chunks and gathers in order."""
+
+    def __init__(self, num_workers: int, model_dir: str, engine_kwargs: dict | None = None,
+                 tensor_parallel_size: int = 1, num_cpus_per_worker: float = 1.0, env: dict | None = None):
+        import ray
+
+        if num_workers < 1:
+            raise ValueError("num_workers must be >= 1")
+        kw = dict(engine_kwargs or {})
+        kw["tensor_parallel_size"] = tensor_parallel_size
+        env_vars = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)}
+        env_vars.update({k: str(v) for k, v in (env or {}).items()})
+        pp = env_vars.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        env_vars["PYTHONPATH"] = _ROOT + (os.pathsep + pp if pp else "")
+        actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus_per_worker,
+                                                  runtime_env={"env_vars": env_vars})
+        self.workers = [actor.remote(str(model_dir), kw, env) for _ in range(num_workers)]
+        ray.get([w.health.remote() for w in self.workers])  # wait until every engine is up
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[Trajectory]:
+        import ray
+
+        n = len(self.workers)
+        bounds = [round(i * len(requests) / n) for i in range(n + 1)]
+        futures = [w.generate.remote(list(requests[bounds[i]:bounds[i + 1]]))
+                   for i, w in enumerate(self.workers) if bounds[i + 1] > bounds[i]]
+        return [t for chunk in ray.get(futures) for t in chunk]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> list[int]:
+        import ray
+
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        ref = ray.put([(name, t.detach().to("cpu").contiguous()) for name, t in items])
+        return ray.get([w.update_weights.remote(ref) for w in self.workers])
+
+    def reset_prefix_cache(self) -> list[bool]:
+        import ray
+
+        return ray.get([w.reset_prefix_cache.remote() for w in self.workers])
+
+    def health(self) -> list[dict]:
+        import ray
+
+        return ray.get([w.health.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers])
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []

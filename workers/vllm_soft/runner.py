@@ -1,0 +1,308 @@
+"""The model-runner mixin and worker classes: the only code that touches vLLM's V1 model runner.
+
+Installed through vLLM's ``worker_cls`` extension point (``SoftEngine`` passes it):
+
+* CPU: ``SoftCPUWorker(CPUWorker)`` turns the runner ``CPUWorker.init_device`` built into a
+  ``SoftCPUModelRunner`` (a subclass that only adds methods, so the instance's class is swapped;
+  no vLLM module globals are patched).
+* GPU: ``SoftGPUWorker(Worker)`` builds a ``SoftGPUModelRunner`` in ``_make_model_runner``. vLLM 0.32
+  defaults to Model Runner V2 on GPU, a different code path: it fails with a clear message unless
+  ``VLLM_USE_V2_MODEL_RUNNER=0``.
+
+The mixin hooks three runner methods:
+
+``_update_states``  registers new soft_rl requests (``SamplingParams.extra_args["soft_rl"]``) in a
+    persistent device slot and moves finished ones to the host (one copy per request).
+``_preprocess``     after vLLM's own input preparation (``enable_prompt_embeds=True``: the model reads
+    the persistent ``inputs_embeds`` buffer), writes sum_k w_k E[i_k] into every scheduled position
+    that holds a generated token of a soft_rl request. In decode that is the last step's mixture;
+    when a preempted request is re-prefilled (recompute), it is every generated position again, from
+    the per-position history, so soft positions are never recomputed as plain tokens. Soft and
+    discrete steps share the path (discrete steps have one-hot weights, which gives exactly E[x]).
+``_sample``         runs ``soft_rl.sampling.soft_sample`` on the gathered logits rows of the soft_rl
+    requests (with the core ``PhaseTracker`` logic for the think-end marker and budget), records the
+    step in the device history, then lets vLLM's sampler handle the batch (soft_rl requests are sent
+    as greedy so it only takes an argmax for them) and overrides their sampled ids with the emitted
+    tokens, so vLLM's bookkeeping, detokenisation and stop checks see them. Plain requests in the same
+    batch never touch the soft path: their sampling is stock vLLM.
+
+The only per-step host->device traffic is three small index vectors (rows, slots, step counters),
+built from host state vLLM already has; nothing is read back from the device per step besides what
+vLLM itself reads (the sampled ids).
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker as GPUWorker
+
+from soft_rl.densities import DENSITY_MODES, NOISE_KINDS
+from soft_rl.rng import NoiseCounters
+from soft_rl.sampling import SoftSamplingParams, mix_embeddings, soft_sample
+from workers.vllm_soft.state import SoftStateStore
+
+EXTRA_KEY = "soft_rl"  # SamplingParams.extra_args[EXTRA_KEY] = request dict (see engine.request_dict)
+CONFIG_KEY = "soft_rl"  # VllmConfig.additional_config[CONFIG_KEY] = engine settings
+_PARAM_NAMES = tuple(SoftSamplingParams.__dataclass_fields__)
+
+
+def params_from_dict(d: dict[str, Any]) -> SoftSamplingParams:
+    kw = {k: d[k] for k in _PARAM_NAMES if k in d}
+    if kw.get("noise_clamp") is not None:
+        kw["noise_clamp"] = tuple(kw["noise_clamp"])
+    return SoftSamplingParams(**kw)
+
+
+class SoftThinkingMixin:
+    """Adds soft thinking to a V1 ``GPUModelRunner`` (or its CPU subclass); see the module docstring."""
+
+    # ------------------------------------------------------------------ setup
+    def _soft_setup(self) -> None:
+        cfg = dict((self.vllm_config.additional_config or {}).get(CONFIG_KEY, {}))
+        self._soft_width = int(cfg.get("max_k", 8))
+        self._soft_gen_len = int(cfg.get("gen_len", 256))
+        self._soft_marker_width = int(cfg.get("marker_width", 8))
+        self._soft_density = cfg.get("density", "official")
+        if self._soft_density not in DENSITY_MODES:
+            raise ValueError(f"density must be one of {DENSITY_MODES}, got {self._soft_density!r}")
+        if self.parallel_config.pipeline_parallel_size != 1:
+            raise ValueError("soft thinking needs pipeline_parallel_size=1 (sampling and inputs on one rank)")
+        if not self.enable_prompt_embeds:
+            raise ValueError("soft thinking needs enable_prompt_embeds=True (the model must read inputs_embeds)")
+        self._soft_store: SoftStateStore | None = None  # built lazily: vocab size known after load_model
+        self._soft_slot: dict[str, int] = {}  # vLLM request id -> slot
+        self._soft_meta: dict[int, dict[str, Any]] = {}  # slot -> {key, req_id, n, debug}
+        self._soft_by_key: dict[str, str] = {}  # front-end key -> vLLM request id
+        self._soft_done: dict[str, dict[str, np.ndarray]] = {}  # finished, not yet fetched
+        self._soft_debug: dict[str, list[torch.Tensor]] = {}  # key -> per-step raw logits (tests)
+        self._soft_stats = {"soft_rl_requests": 0, "sampled_rows": 0, "mixed_inputs": 0, "restored_positions": 0}
+
+    def _soft_get_store(self) -> SoftStateStore:
+        if self._soft_store is None:
+            slots = max(8, int(self.scheduler_config.max_num_seqs))
+            self._soft_store = SoftStateStore(slots, self._soft_gen_len, self._soft_width, self._soft_marker_width,
+                                              self.device, self.input_batch.vocab_size)
+        return self._soft_store
+
+    # ------------------------------------------------------------------ request lifecycle
+    def _soft_register(self, req_id: str, sampling_params) -> None:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        d = extra.get(EXTRA_KEY)
+        if d is None:
+            return
+        params = params_from_dict(d)
+        store = self._soft_get_store()
+        slot = store.allocate(params, list(d["marker_ids"]), int(sampling_params.max_tokens or store.gen_len))
+        key = str(d.get("key", req_id))
+        self._soft_slot[req_id] = slot
+        self._soft_meta[slot] = {"key": key, "req_id": req_id, "n": 0, "debug": bool(d.get("debug_logits", False))}
+        self._soft_by_key[key] = req_id
+        self._soft_stats["soft_rl_requests"] += 1
+
+    def _soft_retire(self, req_id: str) -> dict[str, np.ndarray] | None:
+        """Copy a request's generated positions to the host and free its slot."""
+        slot = self._soft_slot.pop(req_id, None)
+        if slot is None:
+            return None
+        meta = self._soft_meta.pop(slot)
+        self._soft_by_key.pop(meta["key"], None)
+        data = self._soft_store.extract(slot, meta["n"])
+        if meta["key"] in self._soft_debug:
+            dbg = self._soft_debug.pop(meta["key"])
+            data["logits"] = torch.stack(dbg).numpy() if dbg else np.zeros((0, 0), np.float32)
+        self._soft_store.release(slot)
+        return data
+
+    def _update_states(self, scheduler_output):
+        for req_id in scheduler_output.finished_req_ids:
+            if req_id in self._soft_slot:
+                key = self._soft_meta[self._soft_slot[req_id]]["key"]
+                self._soft_done[key] = self._soft_retire(req_id)
+        result = super()._update_states(scheduler_output)
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id not in self._soft_slot and new.sampling_params is not None:
+                self._soft_register(new.req_id, new.sampling_params)
+        return result
+
+    def _soft_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(batch rows, slots) of the soft_rl requests in the current persistent batch."""
+        if not self._soft_slot:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        slot_of = self._soft_slot
+        rows, slots = [], []
+        for i, rid in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+            s = slot_of.get(rid)
+            if s is not None:
+                rows.append(i)
+                slots.append(s)
+        return np.asarray(rows, np.int64), np.asarray(slots, np.int64)
+
+    # ------------------------------------------------------------------ inputs
+    def _preprocess(self, scheduler_output, num_input_tokens, intermediate_tensors=None):
+        out = super()._preprocess(scheduler_output, num_input_tokens, intermediate_tensors)
+        rows, slots = self._soft_rows()
+        if rows.size == 0:
+            return out
+        inputs_embeds = out[1]
+        if inputs_embeds is None:
+            raise RuntimeError("soft thinking needs the inputs_embeds path (enable_prompt_embeds=True, PP rank 0)")
+        req_ids = self.input_batch.req_ids
+        n_sched = np.asarray([scheduler_output.num_scheduled_tokens.get(req_ids[i], 0) for i in rows], np.int64)
+        start = self.input_batch.num_computed_tokens_cpu[rows].astype(np.int64)
+        prompt = self.input_batch.num_prompt_tokens[rows].astype(np.int64)
+        qstart = self.query_start_loc.np[rows].astype(np.int64)
+        if np.all(n_sched == 1):  # pure decode: one position per request
+            tok_slot, step, flat = slots, start - prompt, qstart
+        else:  # prefill chunks (e.g. recompute after preemption): every generated position in the chunk
+            owner = np.repeat(np.arange(rows.size), n_sched)
+            offset = np.arange(owner.size) - np.repeat(np.cumsum(n_sched) - n_sched, n_sched)
+            tok_slot, step, flat = slots[owner], start[owner] + offset - prompt[owner], qstart[owner] + offset
+            self._soft_stats["restored_positions"] += int(((step >= 0) & (n_sched[owner] > 1)).sum())
+        keep = step >= 0
+        if not keep.all():
+            tok_slot, step, flat = tok_slot[keep], step[keep], flat[keep]
+        if step.size == 0:
+            return out
+        idx = torch.from_numpy(np.stack([tok_slot, step, flat])).to(self.device, non_blocking=True)
+        ids, w = self._soft_store.inputs(idx[0], idx[1])
+        N, K = ids.shape
+        rows_emb = self.model.embed_input_ids(ids.reshape(-1))  # [N*K, H], vocab-parallel aware
+        local = torch.arange(N * K, device=ids.device).view(N, K)
+        mixed = mix_embeddings(rows_emb, local, w)
+        inputs_embeds.index_copy_(0, idx[2], mixed.to(inputs_embeds.dtype))
+        self._soft_stats["mixed_inputs"] += int(N)
+        return out
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, logits, spec_decode_metadata):
+        rows, slots = self._soft_rows()
+        if rows.size and logits is not None:
+            keep = ~self.discard_request_mask.np[: self.input_batch.num_reqs][rows].astype(bool)
+            rows, slots = rows[keep], slots[keep]
+        if rows.size == 0 or logits is None:
+            return super()._sample(logits, spec_decode_metadata)
+        if spec_decode_metadata is not None:
+            raise RuntimeError("soft thinking does not support speculative decoding")
+        store = self._soft_store
+        req_ids = self.input_batch.req_ids
+        steps = np.asarray([len(self.requests[req_ids[i]].output_token_ids) for i in rows], np.int64)
+        idx = torch.from_numpy(np.stack([rows, slots, steps])).to(self.device, non_blocking=True)
+        rows_t, slots_t, steps_t = idx[0], idx[1], idx[2]
+        if rows.size == logits.shape[0] and rows[-1] == rows.size - 1:
+            z = logits  # every row is a soft_rl request (rows are 0..n-1); soft_sample does not modify it
+        else:
+            z = logits.index_select(0, rows_t)
+        need = store.need_c[slots]
+        candidates = int(need.max())
+        kinds = tuple(NOISE_KINDS[c] for c in sorted(set(store.noise_code[slots].tolist())))
+
+        tracker = store.tracker(slots_t)
+        batch = store.batch(slots_t, tracker)
+        force = tracker.forced_tokens()
+        o = soft_sample(z, batch, NoiseCounters(batch.seed, steps_t), force_token=force,
+                        density=self._soft_density, candidates=candidates, kinds=kinds)
+        o, _, forced = tracker.advance(o)
+        store.put_tracker(slots_t, tracker)
+        store.record(slots_t, steps_t, o, forced)
+
+        for j, s in enumerate(slots.tolist()):
+            meta = self._soft_meta[s]
+            meta["n"] = int(steps[j]) + 1
+            if meta["debug"]:
+                self._soft_debug.setdefault(meta["key"], []).append(z[j].float().cpu().clone())
+        self._soft_stats["sampled_rows"] += int(rows.size)
+
+        if z is logits and self.input_batch.sampling_metadata.max_num_logprobs is None:
+            # every row is ours and nobody asked for logprobs: vLLM's sampler would only take an argmax
+            # that is overwritten anyway, so skip it (same output type and dtype as Sampler.forward).
+            self.input_batch.update_async_output_token_ids()
+            return SamplerOutput(sampled_token_ids=o.token.to(torch.int32).view(-1, 1), logprobs_tensors=None)
+        out = super()._sample(logits, spec_decode_metadata)
+        sampled = out.sampled_token_ids
+        sampled.index_copy_(0, rows_t, o.token.to(sampled.dtype).view(-1, 1))
+        return out
+
+    # ------------------------------------------------------------------ RPC surface (via the worker)
+    def soft_fetch(self, keys: list[str]) -> dict[str, dict[str, np.ndarray] | None]:
+        res: dict[str, dict[str, np.ndarray] | None] = {}
+        for key in keys:
+            if key in self._soft_done:
+                res[key] = self._soft_done.pop(key)
+            elif key in self._soft_by_key:
+                res[key] = self._soft_retire(self._soft_by_key[key])
+            else:
+                res[key] = None
+        return res
+
+    def soft_clear(self) -> None:
+        self._soft_done.clear()
+        self._soft_debug.clear()
+
+
+class SoftCPUModelRunner(SoftThinkingMixin, CPUModelRunner):
+    pass
+
+
+class SoftGPUModelRunner(SoftThinkingMixin, GPUModelRunner):
+    pass
+
+
+class _SoftWorkerMethods:
+    """Named worker methods called with ``collective_rpc`` (picklable arguments and results only)."""
+
+    def soft_fetch(self, keys: list[str]) -> bytes:
+        # pickled: collective_rpc (multiprocess) does not rebuild arrays nested in results
+        return pickle.dumps(self.model_runner.soft_fetch(list(keys)))
+
+    def soft_stats(self) -> dict[str, int]:
+        return dict(self.model_runner._soft_stats)
+
+    def soft_clear(self) -> None:
+        self.model_runner.soft_clear()
+
+    def soft_update_weights(self, named_tensors) -> int:
+        """In-place weight reload from (name, tensor) pairs (in-process engines pass real tensors)."""
+        items = list(named_tensors)
+        # CPU repacks linear weights after start-up, so model.load_weights() fails there; reload_weights works.
+        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+        return len(items)
+
+    def soft_update_weights_from_file(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        return self.soft_update_weights(load_file(path).items())
+
+
+def _install(runner, cls) -> None:
+    base = cls.__mro__[2]
+    if type(runner) is not base:
+        raise RuntimeError(
+            f"soft thinking patches vLLM's V1 model runner ({base.__name__}), but the worker built "
+            f"{type(runner).__module__}.{type(runner).__name__} (Model Runner V2?). "
+            "Set VLLM_USE_V2_MODEL_RUNNER=0.")
+    runner.__class__ = cls
+    runner._soft_setup()
+
+
+class SoftCPUWorker(_SoftWorkerMethods, CPUWorker):
+    def init_device(self):
+        super().init_device()
+        _install(self.model_runner, SoftCPUModelRunner)
+
+
+class SoftGPUWorker(_SoftWorkerMethods, GPUWorker):
+    def _make_model_runner(self):
+        if self.use_v2_model_runner:
+            raise RuntimeError("vLLM selected Model Runner V2, which the soft-thinking hooks do not support; "
+                               "set VLLM_USE_V2_MODEL_RUNNER=0 (vLLM 0.32 defaults to V2 on GPU).")
+        runner = SoftGPUModelRunner(self.vllm_config, self.device)
+        runner._soft_setup()
+        return runner

@@ -1,0 +1,187 @@
+"""Per-request soft-thinking state on the engine's device, indexed by a persistent slot.
+
+vLLM's persistent batch moves requests between rows (condense, reorder, preemption), so nothing here
+is indexed by batch row. Each soft_rl request owns a *slot* for its whole life (including while it is
+preempted); every step the runner gathers the rows' slots, runs the core sampler on the gathered
+state and scatters the result back. All of it is plain torch (no vLLM import), so it is unit-testable.
+
+Per slot it holds:
+  * the request's sampling parameters as the columns of a ``soft_rl.sampling.SamplingBatch``;
+  * the thinking/answer phase state of ``soft_rl.phase.PhaseTracker`` (marker, tail, budget, ...);
+    the tracker's own ``forced_tokens``/``advance`` run on a gathered view (``tracker``/``put_tracker``),
+    so the phase logic is the core one, not a copy;
+  * the per-position history of the generated steps: every field of the core ``SampleOutput`` (K ids,
+    K noisy values, K mixture weights, kept slots, emitted token, is_soft, log-probs) plus the forced
+    flag; buffers are created from the first recorded step, so new core fields are carried along
+    without changes here. The weights are the next input
+    (sum_k w_k E[i_k]) of that position, for decode and for re-prefill after preemption (recompute);
+    the rest is the request's output, read once when it finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+from soft_rl.phase import PhaseTracker
+from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSamplingParams
+
+# Phase-dependent SamplingBatch columns come from the phase state each step (as in soft_rl.reference.generate);
+# every other column is a fixed per-request parameter.
+_STEP_FIELDS = ("is_soft", "thinking", "width")
+_PARAM_FIELDS = [f.name for f in fields(SamplingBatch) if f.name not in _STEP_FIELDS]
+_BATCH_FIELDS = {f.name for f in fields(SamplingBatch)}
+_PHASE_FIELDS = ("marker", "marker_len", "budget", "thinking", "n_think", "n_generated", "tail", "force_pos")
+
+
+class SoftStateStore:
+    """Device buffers for ``slots`` requests x ``gen_len`` generated positions x ``width`` soft slots."""
+
+    def __init__(self, slots: int, gen_len: int, width: int, marker_width: int, device, vocab_size: int):
+        self.device = torch.device(device)
+        self.width = int(width)
+        self.vocab_size = int(vocab_size)
+        self.slots = 0
+        self.gen_len = 0
+        self.marker_width = int(marker_width)
+        self.t: dict[str, torch.Tensor] = {}
+        self._packing_cache = self._packing()
+        self.h: dict[str, torch.Tensor] = {}  # history: SampleOutput field (+ "forced") -> [slots, gen_len, ...]
+        # host-side per-slot facts (never read back from the device)
+        self.free: list[int] = []
+        self.need_c = np.zeros(0, dtype=np.int64)  # candidate width the slot's discrete steps need
+        self.noise_code = np.zeros(0, dtype=np.int64)
+        self._resize(slots, gen_len)
+
+    # ----------------------------------------------------------------- allocation
+    def _empty(self, slots: int, gen_len: int) -> dict[str, torch.Tensor]:
+        d, M, i64 = self.device, self.marker_width, torch.int64
+        t = {}
+        # parameter columns packed by dtype: one gather per dtype per step instead of one per column
+        for dtype, names in self._packing().items():
+            t["p_" + str(dtype)] = torch.zeros(slots, len(names), dtype=dtype, device=d)
+        t["soft_enabled"] = torch.zeros(slots, dtype=torch.bool, device=d)
+        t["marker"] = torch.full((slots, M), -1, dtype=i64, device=d)
+        t["marker_len"] = torch.ones(slots, dtype=i64, device=d)
+        t["budget"] = torch.full((slots,), -1, dtype=i64, device=d)
+        t["thinking"] = torch.zeros(slots, dtype=torch.bool, device=d)
+        t["n_think"] = torch.zeros(slots, dtype=i64, device=d)
+        t["n_generated"] = torch.zeros(slots, dtype=i64, device=d)
+        t["tail"] = torch.full((slots, M), -2, dtype=i64, device=d)
+        t["force_pos"] = torch.full((slots,), -1, dtype=i64, device=d)
+        return t
+
+    @staticmethod
+    def _packing() -> dict[torch.dtype, list[str]]:
+        proto = SamplingBatch.from_params([SoftSamplingParams()])
+        groups: dict[torch.dtype, list[str]] = {}
+        for name in _PARAM_FIELDS:
+            groups.setdefault(getattr(proto, name).dtype, []).append(name)
+        return groups
+
+    def _resize(self, slots: int, gen_len: int) -> None:
+        new = self._empty(slots, gen_len)
+        s, g = self.slots, min(self.gen_len, gen_len)
+        for name, buf in self.t.items():
+            new[name][:s] = buf[:s]
+        self.t = new
+        for name, buf in list(self.h.items()):
+            hb = torch.zeros((slots, gen_len) + tuple(buf.shape[2:]), dtype=buf.dtype, device=self.device)
+            hb[:s, :g] = buf[:s, :g]
+            self.h[name] = hb
+        self.free.extend(range(slots - 1, self.slots - 1, -1))  # pop() hands out low slots first
+        self.need_c = np.concatenate([self.need_c, np.zeros(slots - self.slots, dtype=np.int64)])
+        self.noise_code = np.concatenate([self.noise_code, np.zeros(slots - self.slots, dtype=np.int64)])
+        self.slots, self.gen_len = slots, gen_len
+
+    def ensure_gen_len(self, n: int) -> None:
+        if n > self.gen_len:
+            self._resize(self.slots, max(n, 2 * self.gen_len))
+
+    def allocate(self, params: SoftSamplingParams, marker_ids: list[int], max_tokens: int) -> int:
+        """Take a slot for a new request and write its parameters and initial phase state."""
+        if params.k > self.width:
+            raise ValueError(f"request asks for k={params.k} soft slots; the engine was built with max_k={self.width}")
+        if not marker_ids:
+            raise ValueError("think-end marker encodes to no tokens")
+        if len(marker_ids) > self.marker_width:
+            raise ValueError(f"think-end marker has {len(marker_ids)} tokens; the engine allows {self.marker_width}")
+        self.ensure_gen_len(max_tokens)
+        if not self.free:
+            self._resize(2 * self.slots, self.gen_len)
+        s = self.free.pop()
+        one = SamplingBatch.from_params([params], device=self.device, width=self.width)
+        t = self.t
+        for dtype, names in self._packing().items():
+            t["p_" + str(dtype)][s] = torch.stack([getattr(one, n)[0] for n in names])
+        t["soft_enabled"][s] = bool(params.soft)
+        M = self.marker_width
+        row = [-1] * (M - len(marker_ids)) + list(marker_ids)
+        t["marker"][s] = torch.tensor(row, dtype=torch.int64)
+        t["marker_len"][s] = len(marker_ids)
+        t["budget"][s] = -1 if params.thinking_budget is None else params.thinking_budget
+        t["thinking"][s] = True
+        t["n_think"][s] = 0
+        t["n_generated"][s] = 0
+        t["tail"][s] = -2
+        t["force_pos"][s] = -1
+        # Discrete steps draw from the whole kept prefix: answer-phase steps, and thinking-phase steps of
+        # requests without soft thinking. Soft steps need only the K slots.
+        need = self.width
+        for top_k in (params.answer_top_k,) + (() if params.soft else (params.top_k,)):
+            need = self.vocab_size if top_k <= 0 else max(need, top_k)
+        self.need_c[s] = min(need, self.vocab_size)
+        self.noise_code[s] = NOISE_CODES[params.noise]
+        return s
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    # ----------------------------------------------------------------- per step
+    def batch(self, slots: torch.Tensor, tracker: PhaseTracker) -> SamplingBatch:
+        """The gathered SamplingBatch of these slots for this step, phase columns from ``tracker``
+        (exactly how soft_rl.reference.generate assembles its per-step batch)."""
+        t = self.t
+        kw = {}
+        for dtype, names in self._packing_cache.items():
+            cols = t["p_" + str(dtype)].index_select(0, slots)
+            kw.update({n: cols[:, j] for j, n in enumerate(names)})
+        phase = {"is_soft": tracker.is_soft_phase(t["soft_enabled"].index_select(0, slots))}
+        if "thinking" in _BATCH_FIELDS:
+            phase["thinking"] = tracker.thinking
+        return SamplingBatch(width=self.width, **phase, **kw)
+
+    def tracker(self, slots: torch.Tensor) -> PhaseTracker:
+        """A PhaseTracker whose rows are these slots' phase state (copies; write back with put_tracker)."""
+        tr = PhaseTracker.__new__(PhaseTracker)
+        for name in _PHASE_FIELDS:
+            setattr(tr, name, self.t[name].index_select(0, slots))
+        return tr
+
+    def put_tracker(self, slots: torch.Tensor, tr: PhaseTracker) -> None:
+        for name in ("thinking", "n_think", "n_generated", "tail", "force_pos"):
+            self.t[name].index_copy_(0, slots, getattr(tr, name))
+
+    def record(self, slots: torch.Tensor, steps: torch.Tensor, out: SampleOutput, forced: torch.Tensor) -> None:
+        values = {f.name: getattr(out, f.name) for f in fields(out)}
+        values["forced"] = forced
+        for name, v in values.items():
+            buf = self.h.get(name)
+            if buf is None:
+                buf = torch.zeros((self.slots, self.gen_len) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device)
+                self.h[name] = buf
+            buf[slots, steps] = v
+
+    def inputs(self, slots: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, K], weights [N, K]) of the input that follows generated step ``steps`` of ``slots``."""
+        return self.h["ids"][slots, steps], self.h["weights"][slots, steps]
+
+    def extract(self, slot: int, n: int) -> dict[str, np.ndarray]:
+        """The first ``n`` generated positions of a slot (every history field, keyed by SampleOutput
+        field name, plus n_think / n_generated), as host numpy arrays."""
+        out = {name: buf[slot, :n] for name, buf in self.h.items()}
+        out["n_think"] = self.t["n_think"][slot]
+        out["n_generated"] = self.t["n_generated"][slot]
+        return {k: v.cpu().numpy().copy() for k, v in out.items()}
