@@ -72,6 +72,19 @@ class RolloutWorker:
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         return self.engine.update_weights(items)
 
+    def stage_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        """Receive one bucket of a bucketed sync (see workers.weight_sync); applied by commit_weights."""
+        self._staged = getattr(self, "_staged", [])
+        self._staged.extend(bucket)
+        return len(bucket)
+
+    def commit_weights(self) -> int:
+        """Reload every staged tensor in place (one reload per sync), then drop the staging area."""
+        staged, self._staged = getattr(self, "_staged", []), []
+        if not staged:
+            raise RuntimeError("commit_weights without staged buckets")
+        return self.engine.update_weights(staged)
+
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()
 
