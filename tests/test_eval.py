@@ -140,3 +140,21 @@ def test_eval_end_to_end_hf(toy_dir, tmp_path):
     again = json.loads((tmp_path / "again" / "two.json").read_text())
     assert [p["outcomes"] for p in again["problems"]] == [p["outcomes"] for p in probs]
     assert [p["lengths"] for p in again["problems"]] == [p["lengths"] for p in probs]
+
+
+@pytest.mark.slow
+def test_eval_vllm_backend_matches_hf(toy_dir, tmp_path, ray_cluster):
+    """`soft-rl eval --backend vllm` (RolloutPool + RewardPool on Ray) gives the hf backend's samples."""
+    from soft_rl.cli import main
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join((toy_dir / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
+    common = ["eval", "--model", str(toy_dir / "model"), "--data", str(data), "--n", "4", "--max-new-tokens", "12",
+              "--reward", "tests.test_eval:even_length", "--seed", "5"]
+    assert main([*common, "--backend", "hf", "--reward-actors", "0", "--out", str(tmp_path / "hf")]) == 0
+    assert main([*common, "--backend", "vllm", "--reward-actors", "1", "--out", str(tmp_path / "vllm")]) == 0
+    hf = json.loads((tmp_path / "hf" / "two.json").read_text())
+    vl = json.loads((tmp_path / "vllm" / "two.json").read_text())
+    assert [p["lengths"] for p in vl["problems"]] == [p["lengths"] for p in hf["problems"]]
+    assert [p["outcomes"] for p in vl["problems"]] == [p["outcomes"] for p in hf["problems"]]
+    assert vl["pass_at_k"] == hf["pass_at_k"] and vl["reward_failures"] == 0
