@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--steps", type=int, default=12)
     q.add_argument("--seed", type=int, default=0)
     sub.add_parser("version", help="print the pinned stack versions")
+    tr = sub.add_parser("train", help="SofT-GRPO / GRPO training on a Ray cluster (rollout, learner, reward actors)")
+    tr.add_argument("--config", default=None, help="a YAML preset from configs/")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.tau=0.25")
     _add_toy_init(sub)
     _add_eval(sub)
     args = parser.parse_args(argv)
@@ -23,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
         quickstart(out_dir=args.out, steps=args.steps, seed=args.seed)
         return 0
+    if args.command == "train":
+        from workers.driver import main as train_main
+
+        return train_main(args.config, args.overrides)
     if args.command == "toy-init":
         from soft_rl.toy import toy_init
 

@@ -1,0 +1,127 @@
+"""The SofT-GRPO driver: rollout pool -> reward pool -> GRPO advantages -> learners -> weight sync.
+
+    soft-rl train --config configs/tiny_cpu.yaml data.train_files=[.cache/toy/train.jsonl] key=value ...
+
+One RL step, as the algorithm reads:
+
+    prompts   <- the next data.prompts_per_step problems (in file order; the position is driver state)
+    requests  <- each prompt rollout.n times, each with its own noise seed = f(seed, step, index)
+    trajs     <- RolloutPool.generate(requests)                         (soft thinking in vLLM)
+    rewards   <- RewardPool.score(decoded responses, gold answers)
+    A         <- GRPO advantages per prompt group
+    old       <- learners' log-probs before the update (never the rollout's)
+    for each PPO epoch, each mini-batch: learners.train_mini_batch(...)
+    sync_weights(learners, pool)                                        (+ parity probe)
+    metrics   -> runs/<name>/metrics.jsonl
+
+This is the first increment of the driver: evaluation, checkpoint/resume, the reference model
+(KL), TensorBoard / Ray metrics, ``ray job submit`` and Slurm are still open (issue #7).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from soft_rl.config import Config, load_config, to_yaml
+from soft_rl.data import load_problems, render_prompt
+from soft_rl.evaluation import response_text
+from soft_rl.losses import compute_advantages
+
+
+def step_seed(seed: int, step: int, index: int) -> int:
+    """The noise seed of request ``index`` at RL step ``step`` (a pure function: reproducible, resumable)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + index
+
+
+def train(cfg: Config, log=print) -> list[dict]:
+    import ray
+    from transformers import AutoTokenizer
+
+    from workers.learner import LearnerGroup
+    from workers.reward import RewardPool
+    from workers.rollout import RolloutPool, RolloutRequest
+    from workers.weight_sync import sync_weights
+
+    out = Path(cfg.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    if not cfg.data.train_files:
+        raise ValueError("config key 'data.train_files': at least one training file is needed")
+    problems = [p for f in cfg.data.train_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    r, lc = cfg.rollout, cfg.learner
+    engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=cfg.trainer.device != "gpu",
+                     max_model_len=cfg.model.max_model_len, max_k=r.k, max_new_tokens=r.max_new_tokens)
+    pool = RolloutPool(r.num_engines, cfg.model.path, engine_kw, tensor_parallel_size=r.tensor_parallel_size,
+                       num_cpus_per_worker=0.5 if cfg.trainer.device == "cpu" else 1)
+    learners = LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
+                            device="gpu" if cfg.trainer.device == "gpu" else "cpu",
+                            norm_length=r.max_new_tokens)
+    rewards_pool = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
+                              timeout_s=cfg.reward.timeout_s)
+    history = []
+    pos = 0
+    try:
+        for step in range(cfg.trainer.steps):
+            t0 = time.perf_counter()
+            batch = [problems[(pos + i) % len(problems)] for i in range(cfg.data.prompts_per_step)]
+            pos += len(batch)
+            requests = [RolloutRequest(render_prompt(tok, p.prompt), r.sampling_params(step_seed(cfg.trainer.seed,
+                                                                                                  step, i * r.n + j)),
+                                       r.max_new_tokens)
+                        for i, p in enumerate(batch) for j in range(r.n)]
+            trajs = pool.generate(requests)
+            t_roll = time.perf_counter()
+            texts = [response_text(tok, t.tokens.tolist()) for t in trajs]
+            golds = [p.answer for p in batch for _ in range(r.n)]
+            rewards = torch.tensor(rewards_pool.score(texts, golds), dtype=torch.float32)
+            t_rew = time.perf_counter()
+            group = torch.arange(len(batch)).repeat_interleave(r.n)
+            adv = compute_advantages(lc.advantage, rewards, group)
+            old = learners.logprobs(trajs)
+            diff = max(float((o - t.logprobs).abs().max()) for o, t in zip(old, trajs, strict=True))
+            t_old = time.perf_counter()
+            metrics: dict = {}
+            for _ in range(lc.ppo_epochs):
+                for idx in torch.arange(len(trajs)).chunk(lc.mini_batches):
+                    ii = idx.tolist()
+                    metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii])
+            t_upd = time.perf_counter()
+            sync = sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s)
+            t_end = time.perf_counter()
+            n_tok = sum(t.num_tokens for t in trajs)
+            rec = {
+                "step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                "reward/failures": rewards_pool.failures(), "rollout/tokens": n_tok,
+                "rollout/soft_frac": sum(t.num_soft for t in trajs) / max(n_tok, 1),
+                "rollout/think_len": sum(t.n_think for t in trajs) / len(trajs),
+                "rollout_vs_learner/max_abs_logprob_diff": diff,
+                "time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/old_logprobs": t_old - t_rew,
+                "time/update": t_upd - t_old, "time/sync": t_end - t_upd, "time/step": t_end - t0,
+                "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
+                **{f"learner/{k}": v for k, v in metrics.items()}, **sync,
+            }
+            history.append(rec)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(f"[train] step {step + 1}/{cfg.trainer.steps} reward={rec['reward/mean']:.3f} "
+                f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec['time/step']:.1f}")
+    finally:
+        pool.shutdown()
+        learners.shutdown()
+        rewards_pool.shutdown()
+    return history
+
+
+def main(config: str | None, overrides: list[str]) -> int:
+    cfg = load_config(config, overrides)
+    print(json.dumps(asdict(cfg.trainer)))
+    train(cfg)
+    return 0
