@@ -85,12 +85,9 @@ def matmul_flops(n: int = 2048, reps: int = 10) -> float:
 
 
 def prompts_for(tok, n):
-    out = []
-    for i in range(n):
-        p = tok.apply_chat_template([{"role": "user", "content": f"compute {i} * {i + 7} + {3 * i}"}],
-                                    add_generation_prompt=True)
-        out.append(list(p if isinstance(p, list) else p["input_ids"]))
-    return out
+    from soft_rl.data import render_prompt
+
+    return [render_prompt(tok, [{"role": "user", "content": f"compute {i} * {i + 7} + {3 * i}"}]) for i in range(n)]
 
 
 def best_of(fn, reps):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from soft_rl.data import render_prompt
 from soft_rl.reference import generate
 from soft_rl.sampling import SoftSamplingParams
 from soft_rl.single_process import UpdateConfig, grpo_update
@@ -27,9 +28,7 @@ def _prompts(tok, n, seed):
     out = []
     for _ in range(n):
         a, b = rnd.randint(0, 99), rnd.randint(0, 99)
-        ids = tok.apply_chat_template([{"role": "user", "content": f"what is {a} + {b}?"}],
-                                      add_generation_prompt=True)
-        out.append(list(ids if isinstance(ids, list) else ids["input_ids"]))
+        out.append(render_prompt(tok, [{"role": "user", "content": f"what is {a} + {b}?"}]))
     return out
 
 

@@ -4,18 +4,14 @@ reproducibility."""
 import pytest
 import torch
 
+from soft_rl.data import render_prompt
 from soft_rl.phase import PhaseTracker
 from soft_rl.reference import build_inputs_embeds, encode_marker, generate, teacher_forced_logprobs
 from soft_rl.sampling import SampleOutput, SoftSamplingParams
 
 
 def chat_prompts(tok, n):
-    out = []
-    for i in range(n):
-        ids = tok.apply_chat_template([{"role": "user", "content": f"what is {i} + {3 * i}?"}],
-                                      add_generation_prompt=True)
-        out.append(list(ids if isinstance(ids, list) else ids["input_ids"]))
-    return out
+    return [render_prompt(tok, [{"role": "user", "content": f"what is {i} + {3 * i}?"}]) for i in range(n)]
 
 
 MIXED = [

@@ -58,12 +58,9 @@ def llama_engine(models):
 
 
 def prompts_for(tok, n):
-    out = []
-    for i in range(n):
-        p = tok.apply_chat_template([{"role": "user", "content": f"what is {i} + {3 * i + 7}?"}],
-                                    add_generation_prompt=True)
-        out.append(list(p if isinstance(p, list) else p["input_ids"]))
-    return out
+    from soft_rl.data import render_prompt
+
+    return [render_prompt(tok, [{"role": "user", "content": f"what is {i} + {3 * i + 7}?"}]) for i in range(n)]
 
 
 def mixed_params(seed0=0):
