@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print the pinned stack versions")
     tr = sub.add_parser("train", help="SofT-GRPO / GRPO training on a Ray cluster (rollout, learner, reward actors)")
     tr.add_argument("--config", default=None, help="a YAML preset from configs/")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.out_dir")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.tau=0.25")
     _add_toy_init(sub)
     _add_eval(sub)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from workers.driver import main as train_main
 
-        return train_main(args.config, args.overrides)
+        return train_main(args.config, args.overrides, resume=args.resume)
     if args.command == "toy-init":
         from soft_rl.toy import toy_init
 

@@ -14,8 +14,12 @@ One RL step, as the algorithm reads:
     sync_weights(learners, pool)                                        (+ parity probe)
     metrics   -> runs/<name>/metrics.jsonl
 
-This is the first increment of the driver: evaluation, checkpoint/resume, the reference model
-(KL), TensorBoard / Ray metrics, ``ray job submit`` and Slurm are still open (issue #7).
+Every ``trainer.eval_every`` steps (and before the first) the held-out ``data.eval_files`` are
+sampled ``trainer.eval_n`` times per problem with the rollout's own sampler and fixed per-problem
+seeds, and pass@1 is logged. Every ``trainer.save_every`` steps the learners write an atomic
+checkpoint with the driver state (step, data position); ``resume=True`` restores the newest one
+and pushes its weights to the engines. The rollout noise seeds are a pure function of
+(seed, step, index), so N steps + resume + M steps equals N + M steps.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from soft_rl.config import Config, load_config, to_yaml
 from soft_rl.data import load_problems, render_prompt
-from soft_rl.evaluation import response_text
+from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.losses import compute_advantages
 
 
@@ -38,7 +42,28 @@ def step_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 1_000_033 + index
 
 
-def train(cfg: Config, log=print) -> list[dict]:
+def latest_checkpoint(root: Path) -> Path | None:
+    found = sorted(root.glob("step-*"))
+    return found[-1] if found else None
+
+
+def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> dict[str, float]:
+    """pass@1 over ``problems`` x ``trainer.eval_n`` samples (seeds fixed per problem and sample)."""
+    r = cfg.rollout
+    n = max(1, cfg.trainer.eval_n)
+    requests, golds = [], []
+    for i, p in enumerate(problems):
+        for j in range(n):
+            params = r.sampling_params(sample_seed(cfg.trainer.seed, f"eval:{i}", j))
+            requests.append(RolloutRequest(render_prompt(tok, p.prompt), params, r.max_new_tokens))
+            golds.append(p.answer)
+    trajs = pool.generate(requests)
+    scores = rewards_pool.score([response_text(tok, t.tokens.tolist()) for t in trajs], golds)
+    return {"eval/pass@1": sum(s > 0.5 for s in scores) / len(scores),
+            "eval/mean_length": sum(t.num_tokens for t in trajs) / len(trajs)}
+
+
+def train(cfg: Config, log=print, resume: bool = False) -> list[dict]:
     import ray
     from transformers import AutoTokenizer
 
@@ -53,6 +78,7 @@ def train(cfg: Config, log=print) -> list[dict]:
     if not cfg.data.train_files:
         raise ValueError("config key 'data.train_files': at least one training file is needed")
     problems = [p for f in cfg.data.train_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
+    eval_problems = [p for f in cfg.data.eval_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -66,10 +92,29 @@ def train(cfg: Config, log=print) -> list[dict]:
                             norm_length=r.max_new_tokens)
     rewards_pool = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
                               timeout_s=cfg.reward.timeout_s)
-    history = []
-    pos = 0
+    history: list[dict] = []
+    start, pos = 0, 0
+    ckpt_root = out / "checkpoints"
+
+    def record(rec: dict) -> None:
+        history.append(rec)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     try:
-        for step in range(cfg.trainer.steps):
+        if resume:
+            latest = latest_checkpoint(ckpt_root)
+            if latest is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
+            client = learners.load_checkpoint(str(latest))
+            start, pos = int(client["step"]), int(client["data_pos"])
+            sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s)
+            log(f"[train] resumed from {latest} at step {start}")
+        te = cfg.trainer
+        if eval_problems and te.eval_every and start == 0:
+            record({"step": 0, **evaluate(cfg, tok, pool, rewards_pool, eval_problems, RolloutRequest)})
+            log(f"[train] eval before training: pass@1={history[-1]['eval/pass@1']:.3f}")
+        for step in range(start, cfg.trainer.steps):
             t0 = time.perf_counter()
             batch = [problems[(pos + i) % len(problems)] for i in range(cfg.data.prompts_per_step)]
             pos += len(batch)
@@ -86,13 +131,15 @@ def train(cfg: Config, log=print) -> list[dict]:
             group = torch.arange(len(batch)).repeat_interleave(r.n)
             adv = compute_advantages(lc.advantage, rewards, group)
             old = learners.logprobs(trajs)
+            ref = learners.logprobs(trajs, "ref") if lc.kl_coef else None
             diff = max(float((o - t.logprobs).abs().max()) for o, t in zip(old, trajs, strict=True))
             t_old = time.perf_counter()
             metrics: dict = {}
             for _ in range(lc.ppo_epochs):
                 for idx in torch.arange(len(trajs)).chunk(lc.mini_batches):
                     ii = idx.tolist()
-                    metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii])
+                    metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
+                                                        None if ref is None else [ref[i] for i in ii])
             t_upd = time.perf_counter()
             sync = sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s)
             t_end = time.perf_counter()
@@ -108,11 +155,18 @@ def train(cfg: Config, log=print) -> list[dict]:
                 "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
                 **{f"learner/{k}": v for k, v in metrics.items()}, **sync,
             }
-            history.append(rec)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if eval_problems and te.eval_every and (step + 1) % te.eval_every == 0:
+                t_ev = time.perf_counter()
+                rec.update(evaluate(cfg, tok, pool, rewards_pool, eval_problems, RolloutRequest))
+                rec["time/eval"] = time.perf_counter() - t_ev
+            if te.save_every and (step + 1) % te.save_every == 0:
+                t_ck = time.perf_counter()
+                learners.save_checkpoint(str(ckpt_root), step + 1, {"data_pos": pos}, keep=te.keep_checkpoints)
+                rec["time/checkpoint"] = time.perf_counter() - t_ck
+            record(rec)
             log(f"[train] step {step + 1}/{cfg.trainer.steps} reward={rec['reward/mean']:.3f} "
-                f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec['time/step']:.1f}")
+                f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec['time/step']:.1f}"
+                + (f" eval_pass@1={rec['eval/pass@1']:.3f}" if "eval/pass@1" in rec else ""))
     finally:
         pool.shutdown()
         learners.shutdown()
@@ -120,8 +174,8 @@ def train(cfg: Config, log=print) -> list[dict]:
     return history
 
 
-def main(config: str | None, overrides: list[str]) -> int:
+def main(config: str | None, overrides: list[str], resume: bool = False) -> int:
     cfg = load_config(config, overrides)
     print(json.dumps(asdict(cfg.trainer)))
-    train(cfg)
+    train(cfg, resume=resume)
     return 0
