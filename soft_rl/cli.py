@@ -9,9 +9,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soft-rl", description="SofT-GRPO trainer for soft-thinking LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="a short SofT-GRPO run on the embedded default (tiny local model)")
-    q.add_argument("--out", default=".cache/quickstart", help="where the tiny model is built and cached")
-    q.add_argument("--steps", type=int, default=12)
+    q = sub.add_parser("quickstart", help="a short distributed SofT-GRPO run on the embedded toy task "
+                       "(toy-init, local Ray cluster with dashboard, 2 engines, 2 ZeRO-2 learners, 2 reward actors)")
+    q.add_argument("--out", default=None, help="run directory (default runs/quickstart; with --single-process "
+                   "the tiny model cache, default .cache/quickstart)")
+    q.add_argument("--toy-dir", default=".cache/toy")
+    q.add_argument("--single-process", action="store_true",
+                   help="the in-process HF loop instead (a tiny random model and a trivial reward; ~40 s)")
+    q.add_argument("--steps", type=int, default=None)
     q.add_argument("--seed", type=int, default=0)
     sub.add_parser("version", help="print the pinned stack versions")
     tr = sub.add_parser("train", help="SofT-GRPO / GRPO training on a Ray cluster (rollout, learner, reward actors)")
@@ -23,9 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
-        from soft_rl.quickstart import main as quickstart
+        if args.single_process:
+            from soft_rl.quickstart import main as quickstart
 
-        quickstart(out_dir=args.out, steps=args.steps, seed=args.seed)
+            quickstart(out_dir=args.out or ".cache/quickstart", steps=args.steps or 12, seed=args.seed)
+            return 0
+        from workers.quickstart import run
+
+        overrides = [f"trainer.seed={args.seed}"] + ([f"trainer.steps={args.steps}"] if args.steps else [])
+        run(toy_dir=args.toy_dir, out_dir=args.out or "runs/quickstart", overrides=overrides)
         return 0
     if args.command == "train":
         from workers.driver import main as train_main
