@@ -29,6 +29,7 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
         assert rec["learner/skipped_steps"] == 0 and rec["learner/grad_norm"] >= 0  # all-zero rewards: 0
         assert rec["rollout/tokens"] > 0 and rec["time/step"] > 0
     assert load_config(out / "config.yaml").trainer.steps == 2  # the resolved config is saved with the run
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     # bad config fails before any actor starts, naming the key
     with pytest.raises(Exception, match="rollout.temprature"):
         main(["train", "--config", "configs/tiny_cpu.yaml", "rollout.temprature=0.5"])

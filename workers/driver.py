@@ -63,7 +63,9 @@ def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> 
             "eval/mean_length": sum(t.num_tokens for t in trajs) / len(trajs)}
 
 
-def train(cfg: Config, log=print, resume: bool = False) -> list[dict]:
+def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Run (or with ``resume``, continue) training; returns the per-step metric records. Metrics go to
+    runs/<name>/metrics.jsonl, TensorBoard (tb/), Ray metrics (Prometheus) and a progress bar."""
     import ray
     from transformers import AutoTokenizer
 
@@ -96,10 +98,13 @@ def train(cfg: Config, log=print, resume: bool = False) -> list[dict]:
     start, pos = 0, 0
     ckpt_root = out / "checkpoints"
 
+    from workers.telemetry import Telemetry
+
+    telemetry = Telemetry(out, progress_total=cfg.trainer.steps, progress=progress)
+
     def record(rec: dict) -> None:
         history.append(rec)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        telemetry.log(rec["step"], rec)
 
     try:
         if resume:
@@ -168,6 +173,7 @@ def train(cfg: Config, log=print, resume: bool = False) -> list[dict]:
                 f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec['time/step']:.1f}"
                 + (f" eval_pass@1={rec['eval/pass@1']:.3f}" if "eval/pass@1" in rec else ""))
     finally:
+        telemetry.close()
         pool.shutdown()
         learners.shutdown()
         rewards_pool.shutdown()
