@@ -10,15 +10,19 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast lint quickstart clean
+.PHONY: setup test-deps test test-fast lint quickstart clean
 
 setup:
 	@bash launch/setup_env.sh
 
+# Debian packages some tests start for real (two-node Slurm, Prometheus); idempotent.
+test-deps:
+	@bash launch/install_test_deps.sh
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup test-deps lint
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -1,0 +1,192 @@
+"""`ray job submit --working-dir <repo>` against a live local Ray cluster that the test starts on 127.0.0.1.
+
+Authentication: Ray 2.60 turns token authentication on by default, and that is what users should keep.
+`ray start --head` then creates ~/.ray/auth_token, and another shell submits with
+
+    RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(cat ~/.ray/auth_token)" \\
+        ray job submit --address http://127.0.0.1:8265 --working-dir . -- soft-rl train ...
+
+(or RAY_AUTH_TOKEN_PATH=<file>). This test is a throw-away loopback cluster, so it starts it with
+RAY_AUTH_MODE=disabled, which needs no token.
+
+The cluster is `ray start --head --block` in a subprocess, with every port chosen free (so it cannot collide with
+other clusters on the host) and its own --temp-dir. It is stopped by SIGTERM to that process, which makes Ray
+kill exactly the processes it started. `ray stop` is deliberately not used: it kills every Ray process on the
+machine, including other clusters (e.g. the session's `ray_cluster` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAY = VENV_BIN / "ray"
+PORT_FLAGS = ("port", "dashboard-port", "metrics-export-port", "dashboard-agent-listen-port",
+              "dashboard-agent-grpc-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port",
+              "ray-client-server-port")
+# What `--working-dir` must not upload (the 3 GB venv, caches, git objects, earlier runs).
+EXCLUDES = [".venv", ".cache", ".git", "runs", ".pytest_cache", ".ruff_cache", "__pycache__"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayHead:
+    """A one-node Ray cluster on 127.0.0.1 (dashboard on), started as `ray start --head --block`.
+
+    Everything it writes lives in a fresh temp dir (removed by stop()); stop() asserts no process is left.
+    Extra environment (e.g. RAY_metrics_report_interval_ms) goes to every Ray process and job.
+    """
+
+    def __init__(self, num_cpus: int = 2, env: dict[str, str] | None = None, start_timeout: float = 60.0):
+        # Short path on purpose: Ray's unix sockets live under it (108-byte limit on socket paths).
+        self.tmp = Path(tempfile.mkdtemp(prefix="srl-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self.ports = {flag: free_port() for flag in PORT_FLAGS}
+        self.dashboard_url = f"http://127.0.0.1:{self.ports['dashboard-port']}"
+        self.metrics_export_port = self.ports["metrics-export-port"]
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # TMPDIR: Python's own temp files in Ray's processes (e.g. multiprocessing's pymp-* dirs, which the
+        # dashboard leaves behind when it is terminated) land in our temp dir and go away with it.
+        self.env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(self.tmp),
+                         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})})
+        cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--num-cpus={num_cpus}", f"--temp-dir={self.tmp}", "--disable-usage-stats",
+               *[f"--{flag}={p}" for flag, p in self.ports.items()]]
+        self._log = open(self.tmp / "ray-start.log", "wb")  # closed in stop()
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self._procs: dict[int, psutil.Process] = {}
+        try:
+            self._wait_ready(start_timeout)
+        except BaseException:
+            self.stop(check=False)
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                    if r.status == 200 and (self.tmp / "ray_current_cluster").is_file():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray head not up after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.3)
+        self.gcs_address = (self.tmp / "ray_current_cluster").read_text().strip()
+        self._remember_processes()
+
+    def _remember_processes(self) -> None:
+        """Record our process tree (gcs_server, raylet, dashboard, agents, workers) for the leak check."""
+        try:
+            for p in [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]:
+                self._procs.setdefault(p.pid, p)
+        except psutil.NoSuchProcess:
+            pass
+
+    def _ours(self) -> list[psutil.Process]:
+        """Live processes of this cluster: the recorded tree plus anything naming our temp dir."""
+        alive = {pid: p for pid, p in self._procs.items() if _alive(p)}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid not in alive and str(self.tmp) in " ".join(p.info["cmdline"] or ()) and _alive(p):
+                    alive[p.pid] = p
+            except psutil.Error:
+                pass
+        alive.pop(os.getpid(), None)
+        return list(alive.values())
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return (self.tmp / "ray-start.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0, check: bool = True) -> list[str]:
+        """SIGTERM the `ray start --block` process (Ray tears its processes down), SIGKILL leftovers after
+        ``timeout``, delete the temp dir. Returns the names of processes that had to be killed."""
+        self._remember_processes()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (left := self._ours()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed = []
+        for p in left:
+            try:
+                killed.append(f"{p.name()}({p.pid})")
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=5)
+        self._log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if check:
+            assert not killed, f"Ray processes survived SIGTERM of `ray start --block`: {killed}"
+        return killed
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.slow
+def test_ray_job_submit_working_dir():
+    t0 = time.monotonic()
+    head = LocalRayHead(num_cpus=2)
+    try:
+        t_up = time.monotonic() - t0
+        sid = f"soft-rl-check-{uuid.uuid4().hex[:8]}"
+        cmd = [str(RAY), "job", "submit", "--address", head.dashboard_url, "--submission-id", sid,
+               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+               "--", "python", "tests/job_submit_check.py"]
+        r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, f"ray job submit failed ({r.returncode}):\n{out[-4000:]}\n{head.log_tail()}"
+        assert f"Job '{sid}' succeeded" in out, out[-4000:]
+
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(head.dashboard_url)
+        assert client.get_job_status(sid) == JobStatus.SUCCEEDED
+        logs = client.get_job_logs(sid)
+        assert "job_submit_check: ok" in logs, logs
+        assert f"prefix={sys.prefix}" in logs, logs  # the job ran with this venv's python
+        assert "uploaded venv=False cache=False soft_rl=True" in logs, logs
+        cwd = next(line for line in logs.splitlines() if line.startswith("job_submit_check: cwd=")).split("=", 1)[1]
+        assert Path(cwd) != ROOT and str(head.tmp) in cwd, cwd  # ran in the uploaded copy, not the repo
+        t_job = time.monotonic() - t0 - t_up
+    finally:
+        t1 = time.monotonic()
+        head.stop()
+    assert not head.tmp.exists()
+    print(f"ray head up {t_up:.1f}s, job {t_job:.1f}s, stop {time.monotonic() - t1:.1f}s")

@@ -1,0 +1,194 @@
+"""launch/slurm/soft_rl.sbatch on a real two-node Slurm cluster started on this host (slow, ~1 min).
+
+The cluster (tests/slurm_cluster.py): munged + slurmctld + ``slurmd -N n1`` + ``slurmd -N n2`` on
+127.0.0.1, private key, sockets and ports, stopped again at the end of the module. Each job brings a
+Ray cluster up across n1 and n2 (head + worker, as on a real cluster), runs a small driver that puts
+one task on each Ray node, and tears everything down. Ray still advertises the host's own address
+(it maps 127.0.0.1 to it), so its traffic stays on this host without being strictly loopback.
+
+Slurm and munge are Debian packages: without them these tests FAIL (not skip) and name
+``launch/install_test_deps.sh``, which CI runs first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, check_prerequisites, free_port_block
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout under test (CI runs in a fresh clone)
+SBATCH = ROOT / "launch" / "slurm" / "soft_rl.sbatch"
+
+# The driver: connects to the cluster the job built, runs one task pinned to each node, reports where
+# they ran. With an argument it then announces READY and waits (to be cancelled).
+CHECK = r"""
+import json, os, socket, sys, time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+nodes = [n for n in ray.nodes() if n["Alive"]]
+
+@ray.remote(num_cpus=1)
+def where():
+    return {"node_id": ray.get_runtime_context().get_node_id(), "slurm_node": os.environ.get("SLURMD_NODENAME"),
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+refs = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes]
+tasks = ray.get(refs, timeout=120)
+print("CHECK " + json.dumps({"nodes": len(nodes), "node_ids": [n["NodeID"] for n in nodes],
+                             "labels": [n["Labels"].get("slurm-node") for n in nodes], "tasks": tasks,
+                             "auth": os.environ.get("RAY_AUTH_MODE"),
+                             "slurm_nodes": os.environ.get("SOFT_RL_SLURM_NODES")}), flush=True)
+if len(sys.argv) > 1:
+    print("READY", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    missing = None
+    try:
+        check_prerequisites()
+    except SlurmUnavailable as e:
+        missing = str(e)
+    if missing:  # fail, not skip: CI must have run launch/install_test_deps.sh
+        pytest.fail(missing, pytrace=False)
+    cluster = SlurmCluster(nodes=2, cpus=1)
+    cluster.start(timeout=30)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not cluster.root.exists()
+        assert not cluster.stray_pids(), "Slurm daemons or steps outlived the test cluster"
+
+
+@pytest.fixture
+def job_env(slurm, tmp_path):
+    """Environment for a submission; ray temp dir and info dir are removed afterwards whatever happens."""
+    ray_tmp = Path(f"/tmp/softrl-slurm-ray-{secrets.token_hex(4)}")  # short: Ray puts unix sockets under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
+    env.update({
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # this venv's ray/python
+        "SOFT_RL_PYTHON": sys.executable,
+        "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster; see test_cancel for token auth
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "SOFT_RL_RAY_HEAD_IP": "127.0.0.1",
+        "SOFT_RL_RAY_PORT_BASE": str(free_port_block(100)),
+        "SOFT_RL_RAY_DASHBOARD": "0",
+        "SOFT_RL_RAY_OBJECT_STORE_MEMORY": str(200 * 1024**2),
+        "SOFT_RL_RAY_TMPDIR": str(ray_tmp),
+        "SOFT_RL_SLURM_INFO_DIR": str(tmp_path / "info"),
+        "SOFT_RL_JOIN_TIMEOUT": "120",
+        "SOFT_RL_STOP_TIMEOUT": "30",
+    })
+    (tmp_path / "check.py").write_text(CHECK)
+    yield env
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _submit(slurm, env, tmp_path, *driver_args) -> tuple[int, Path]:
+    out = tmp_path / "job.out"
+    jobid = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={out}", f"--chdir={tmp_path}", str(SBATCH),
+                          "--", sys.executable, str(tmp_path / "check.py"), *driver_args], env=env, cwd=tmp_path)
+    return jobid, out
+
+
+def _check_record(text: str) -> dict:
+    lines = [ln for ln in text.splitlines() if ln.startswith("CHECK ")]
+    assert lines, f"the driver printed no CHECK line; job output:\n{text}"
+    return json.loads(lines[-1][len("CHECK "):])
+
+
+def _job_processes(jobid: int, ray_tmp: str, conf: Path, pids=()) -> list[str]:
+    """Live processes of this job: its Ray (marker in the environment, temp dir on the command line),
+    anything else started under its SLURM_JOB_ID in this cluster (driver, steps), and the task workers."""
+    marks = {f"SOFT_RL_RAY_OF_JOB={jobid}".encode()}
+    job_env = {f"SLURM_JOB_ID={jobid}".encode(), f"SLURM_CONF={conf}".encode()}
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited, waiting for its (late-reaping) parent
+            cmdline = (d / "cmdline").read_bytes()
+            environ = set((d / "environ").read_bytes().split(b"\0"))
+        except (OSError, IndexError):
+            continue
+        if (ray_tmp.encode() in cmdline or marks & environ or job_env <= environ or int(d.name) in pids):
+            found.append(d.name + ": " + cmdline.replace(b"\0", b" ")[:160].decode(errors="replace"))
+    return found
+
+
+def _assert_nothing_left(slurm, jobid: int, env: dict, pids=(), timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := _job_processes(jobid, env["SOFT_RL_RAY_TMPDIR"], slurm.conf, pids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, "processes of the job outlived it:\n" + "\n".join(left)
+
+
+def test_two_node_job_runs_on_both_nodes_and_cleans_up(slurm, job_env, tmp_path):
+    t0 = time.monotonic()
+    jobid, out = _submit(slurm, job_env, tmp_path)
+    state, code = slurm.wait_job(jobid, timeout=150)
+    text = out.read_text(errors="replace") if out.exists() else "(no output)"
+    assert (state, code) == ("COMPLETED", "0:0"), f"job {jobid}: {state} {code}\n{text}\n{slurm.logs()}"
+
+    rec = _check_record(text)
+    assert rec["nodes"] == 2 and len(set(rec["node_ids"])) == 2, rec
+    assert sorted(rec["labels"]) == ["n1", "n2"], rec  # each Ray node knows its Slurm node
+    # one task on each Ray node, and each ran inside that node's Slurm step
+    assert sorted(t["node_id"] for t in rec["tasks"]) == sorted(rec["node_ids"]), rec
+    assert sorted(t["slurm_node"] for t in rec["tasks"]) == ["n1", "n2"], rec
+    assert rec["auth"] == "disabled" and rec["slurm_nodes"] == "2", rec
+    assert "all 2 Ray nodes joined" in text and "teardown done (exit code 0)" in text, text
+
+    _assert_nothing_left(slurm, jobid, job_env, pids={t["pid"] for t in rec["tasks"]})
+    assert not Path(job_env["SOFT_RL_RAY_TMPDIR"]).exists(), "the job's Ray temp dir was not removed"
+    assert not Path(job_env["SOFT_RL_SLURM_INFO_DIR"]).exists(), "the job's info dir was not removed"
+    print(f"two-node job: {time.monotonic() - t0:.1f}s")
+
+
+def test_cancel_tears_down_with_default_token_auth(slurm, job_env, tmp_path):
+    """scancel mid-run -> the job's Ray is gone; runs with the script's default (token auth, fresh token)."""
+    env = dict(job_env)
+    del env["RAY_AUTH_MODE"]
+    home_token = Path.home() / ".ray" / "auth_token"
+    home_token_before = home_token.read_bytes() if home_token.exists() else None
+
+    jobid, out = _submit(slurm, env, tmp_path, "hold")
+    deadline = time.monotonic() + 150
+    text = ""
+    while "READY" not in text:
+        state, _ = slurm.job_state(jobid)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {jobid} ended early: {state}\n{text}"
+        assert time.monotonic() < deadline, f"driver never got READY:\n{text}\n{slurm.logs()}"
+        time.sleep(0.5)
+        text = out.read_text(errors="replace") if out.exists() else ""
+    rec = _check_record(text)
+    assert rec["nodes"] == 2 and sorted(t["slurm_node"] for t in rec["tasks"]) == ["n1", "n2"], rec
+    assert rec["auth"] == "token", rec  # the driver connected with the job's generated token
+    token_file = Path(env["SOFT_RL_SLURM_INFO_DIR"]) / "auth_token"
+    assert token_file.stat().st_mode & 0o077 == 0 and len(token_file.read_text()) == 64
+
+    slurm.run(["scancel", str(jobid)])
+    state, _ = slurm.wait_job(jobid, timeout=60)
+    assert state == "CANCELLED", state
+    _assert_nothing_left(slurm, jobid, env, pids={t["pid"] for t in rec["tasks"]}, timeout=30)
+    # the token never went to ~/.ray, and the job's copy is gone
+    assert (home_token.read_bytes() if home_token.exists() else None) == home_token_before
+    assert not token_file.exists()
