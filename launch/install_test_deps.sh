@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite needs beyond the Python venv: Slurm (slurmctld,
-# slurmd, the client tools) and munge, for tests/test_slurm.py, which starts a two-node Slurm
-# cluster on this host, and Prometheus, which tests/test_telemetry.py points at Ray's metrics. Idempotent: when everything is present it prints so and changes nothing.
+# Install the Debian packages the test suite needs beyond the Python venv. Idempotent: when
+# everything is present it prints so and changes nothing.
+#   slurm-wlm, munge  tests/test_slurm.py starts a two-node Slurm cluster on this host
+#   prometheus        tests/test_telemetry.py points it at Ray's metrics
 #
 #   bash launch/install_test_deps.sh
 #
-# Needs root (or sudo) and apt-get. Package services are NOT started: the test starts its own
-# daemons with private configs, keys and sockets, and stops them again.
+# Needs root (or sudo) and apt-get. Package services are NOT started: the tests start their own
+# daemons with private configs, keys, sockets and ports, and stop them again.
 set -euo pipefail
 
-# slurm-wlm without its recommends is exactly slurmctld + slurmd + slurm-client (and their
+# Installed without recommends: slurm-wlm is then exactly slurmctld + slurmd + slurm-client (and their
 # dependencies, e.g. slurm-wlm-basic-plugins); the recommends would add every plugin and -dev package.
 PACKAGES=(slurm-wlm munge prometheus)
 # Commands the tests call; all of them come from PACKAGES (prometheus: tests/test_telemetry.py).

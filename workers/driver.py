@@ -25,6 +25,7 @@ and pushes its weights to the engines. The rollout noise seeds are a pure functi
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -83,7 +84,8 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -
     eval_problems = [p for f in cfg.data.eval_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # Under `ray job submit` / Slurm RAY_ADDRESS names the cluster: join it without local options.
+        ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(include_dashboard=False, log_to_driver=False)
     r, lc = cfg.rollout, cfg.learner
     engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=cfg.trainer.device != "gpu",
                      max_model_len=cfg.model.max_model_len, max_k=r.k, max_new_tokens=r.max_new_tokens)
