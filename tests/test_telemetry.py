@@ -101,7 +101,9 @@ def test_gauges_lazy_named_and_skip_non_finite(tmp_path, monkeypatch):
     import ray.util.metrics
 
     tel = Telemetry(tmp_path, tensorboard=False, jsonl=False, progress=False, run_name="r1", gauge_refresh_s=3600)
-    tel.log(1, STEPS[1])  # Ray not initialized: nothing exported, nothing made
+    # Ray not initialized (the session's cluster may be up when this runs inside the whole suite)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    tel.log(1, STEPS[1])  # nothing exported, nothing made
     assert tel.gauge_names == []
     _FakeGauge.made = {}
     monkeypatch.setattr(ray.util.metrics, "Gauge", _FakeGauge)
