@@ -136,7 +136,8 @@ def main():
     llm = LLM(model=str(model_dir), enable_prefix_caching=False, **llm_kw)
     sp = SamplingParams(max_tokens=N, temperature=1.0, top_k=5, ignore_eos=True, detokenize=False, seed=0)
     inputs = [{"prompt_token_ids": p} for p in prompts]
-    eng = SoftEngine(str(model_dir), max_k=8, max_new_tokens=N, **llm_kw)
+    # no prefix caching on either side (distinct prompts; like for like with the plain engine)
+    eng = SoftEngine(str(model_dir), max_k=8, max_new_tokens=N, prefix_caching="off", **llm_kw)
 
     def run_plain():
         outs = llm.generate(inputs, sp, use_tqdm=False)

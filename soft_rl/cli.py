@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="SofT-GRPO / GRPO training on a Ray cluster (rollout, learner, reward actors)")
     tr.add_argument("--config", default=None, help="a YAML preset from configs/")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.out_dir")
+    tr.add_argument("--dashboard", action="store_true",
+                    help="local cluster: Ray dashboard on 127.0.0.1 and Prometheus (when installed) scraping Ray's "
+                    "metrics, URLs printed, Prometheus stopped at the end; joining RAY_ADDRESS: print that cluster's "
+                    "dashboard, start Prometheus only on the head node's host (see workers/cluster.py)")
+    tr.add_argument("--dashboard-port", type=int, default=None, help="local cluster's dashboard port (Ray's 8265)")
+    tr.add_argument("--prometheus-port", type=int, default=9090,
+                    help="127.0.0.1 port of the Prometheus --dashboard starts (default 9090, where Ray looks)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.tau=0.25")
     _add_toy_init(sub)
     _add_eval(sub)
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from workers.driver import main as train_main
 
-        return train_main(args.config, args.overrides, resume=args.resume)
+        return train_main(args.config, args.overrides, resume=args.resume, dashboard=args.dashboard,
+                          dashboard_port=args.dashboard_port, prometheus_port=args.prometheus_port)
     if args.command == "toy-init":
         from soft_rl.toy import toy_init
 

@@ -55,6 +55,7 @@ class RolloutConfig:
     thinking_budget: int | None = None
     kv_cache_gb: int = 1  # CPU engines (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.6
+    prefix_caching: str = "prompt"  # prompt (share prompt KV blocks, never generated ones) | off
 
     def sampling_params(self, seed: int) -> SoftSamplingParams:
         return SoftSamplingParams(
@@ -90,6 +91,7 @@ class LearnerConfig:
     kl_coef: float = 0.001  # 0 disables the KL term and the reference model
     kl_kind: str = "k3"
     entropy_coef: float = 0.0
+    sync_transport: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store (Ray)
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 600.0
 
@@ -121,7 +123,7 @@ class TrainerConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | gpu
-    colocate: bool = False  # learners and engines share devices
+    colocate: bool = False  # learner rank i and engine i share a placement bundle (one GPU); see workers/placement.py
 
 
 @dataclass
@@ -175,6 +177,7 @@ def validate(cfg: Config) -> None:
     _check(r.num_engines >= 1 and r.tensor_parallel_size >= 1, "rollout.num_engines",
            "engines and tensor_parallel_size must be >= 1")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _check(r.prefix_caching in ("prompt", "off"), "rollout.prefix_caching", "must be prompt or off")
     _check(r.noise_clamp is None or len(r.noise_clamp) == 2, "rollout.noise_clamp", "must be [low, high] or null")
     _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
@@ -184,6 +187,10 @@ def validate(cfg: Config) -> None:
     _check(lr.kl_kind in ("k1", "k2", "k3", "low_var_kl"), "learner.kl_kind", "must be k1, k2 or k3")
     _check(lr.dual_clip is None or lr.dual_clip > 1, "learner.dual_clip", "must be > 1 or null")
     _check(len(lr.betas) == 2, "learner.betas", "must be [beta1, beta2]")
+    _check(lr.sync_transport in ("broadcast", "object_store"), "learner.sync_transport",
+           "must be broadcast or object_store")
+    _check(lr.sync_bucket_mb > 0 and lr.sync_timeout_s > 0, "learner.sync_bucket_mb",
+           "bucket size and sync timeout must be > 0")
     _check(not (r.soft and r.noise == "none"), "rollout.noise",
            "noise=none has no density: SofT-GRPO needs gumbel, dirichlet or gaussian (or set rollout.soft=false)")
     batch = d.prompts_per_step * r.n
@@ -191,6 +198,13 @@ def validate(cfg: Config) -> None:
            f"must divide data.prompts_per_step={d.prompts_per_step} (whole GRPO groups per mini-batch)")
     _check((batch // lr.mini_batches) % lr.world_size == 0, "learner.world_size",
            f"each mini-batch of {batch // lr.mini_batches} trajectories must split evenly over {lr.world_size} ranks")
+    if t.colocate:
+        _check(r.num_engines == lr.world_size, "trainer.colocate",
+               f"pairs each learner rank with one engine: needs rollout.num_engines ({r.num_engines}) == "
+               f"learner.world_size ({lr.world_size})")
+        _check(r.tensor_parallel_size == 1, "trainer.colocate", "needs rollout.tensor_parallel_size=1")
+        _check(not (t.device == "gpu" and lr.sync_transport == "broadcast"), "learner.sync_transport",
+               "colocated GPU engines need object_store (NCCL cannot hold two ranks on one GPU)")
     _check(d.on_error in ("raise", "skip"), "data.on_error", "must be raise or skip")
     _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
     _check(t.steps >= 0 and t.eval_every >= 0 and t.save_every >= 0, "trainer.steps", "counts must be >= 0")

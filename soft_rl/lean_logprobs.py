@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from soft_rl.densities import soft_logprob
+from soft_rl.losses import entropy_from_logits
 
 
 def discrete_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -92,21 +93,32 @@ def head_logprobs(
     noise_scale: float = 1.0,
     clamp: tuple[float, float] | None = (-1.5, 3.0),
     dirichlet_alpha: float = 1.0,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+    entropy_grad: bool = True,
+):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
     ``disc_logits`` [Nd, V] at the discrete positions and ``soft_logits`` [Ns, K] (logits at the stored
-    ids) at the soft ones, both in position order."""
+    ids) at the soft ones, both in position order. With ``with_entropy``: (log-probs, entropies [N]),
+    full-vocabulary at discrete positions, over the K density slots at soft ones (differentiable only
+    with ``entropy_grad``: a metric-only entropy builds no graph)."""
     N = is_soft.shape[0]
     out = torch.zeros(N, dtype=torch.float32, device=is_soft.device)
+    ent = torch.zeros(N, dtype=torch.float32, device=is_soft.device) if with_entropy else None
     disc = (~is_soft).nonzero().flatten()
     soft = is_soft.nonzero().flatten()
     if disc.numel():
         z = disc_logits.float() / temperature[disc, None]
         lp = z.gather(1, tokens[disc, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
         out = out.index_put((disc,), lp)
+        if with_entropy:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                ent = ent.index_put((disc,), entropy_from_logits(z))
     if soft.numel():
         z = soft_logits.float() / temperature[soft, None]
         lp = soft_logprob(z, noisy[soft], density, noise_scale, noise=noise, valid=slots[soft], clamp=clamp,
                           dirichlet_alpha=dirichlet_alpha)
         out = out.index_put((soft,), lp)
-    return out
+        if with_entropy:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                ent = ent.index_put((soft,), entropy_from_logits(z, slots[soft]))
+    return (out, ent) if with_entropy else out

@@ -22,11 +22,17 @@ def discrete_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: fl
     return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) - sum_v softmax(z)_v z_v, per position."""
+def entropy_from_logits(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v, per position; with ``valid``, over the valid entries only.
+
+    The policy entropy a step reports: over the full vocabulary at a discrete step; at a soft step
+    over its K candidates (p-hat, the softmax of the K logits), which is all the lean learner computes.
+    """
     z = logits.float()
+    if valid is not None:
+        z = z.masked_fill(~valid, float("-inf"))
     p = torch.softmax(z, -1)
-    return torch.logsumexp(z, -1) - (p * z).sum(-1)
+    return torch.logsumexp(z, -1) - (p * z.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 # ---------------------------------------------------------------- advantages

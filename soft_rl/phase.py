@@ -22,6 +22,22 @@ from soft_rl.sampling import SampleOutput, to_discrete
 
 
 class PhaseTracker:
+    # every per-row tensor of the state, and the ones a step changes (engines keep them per request
+    # and run the tracker on a gathered view: ``from_state`` / ``MUTABLE``)
+    STATE = ("marker", "marker_len", "budget", "thinking", "n_think", "n_generated", "tail", "force_pos")
+    MUTABLE = ("thinking", "n_think", "n_generated", "tail", "force_pos")
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> PhaseTracker:
+        """A tracker over given state rows (e.g. gathered from an engine's per-request buffers)."""
+        missing = [n for n in cls.STATE if n not in state]
+        if missing:
+            raise KeyError(f"phase state lacks {missing}")
+        tracker = cls.__new__(cls)
+        for name in cls.STATE:
+            setattr(tracker, name, state[name])
+        return tracker
+
     def __init__(self, markers: Sequence[Sequence[int]], budgets: Sequence[int | None], device="cpu"):
         if any(len(m) == 0 for m in markers):
             raise ValueError("every think-end marker must encode to at least one token")
@@ -67,3 +83,7 @@ class PhaseTracker:
 
     def is_soft_phase(self, soft_enabled: torch.Tensor) -> torch.Tensor:
         return self.thinking & soft_enabled
+
+    def phase_columns(self, soft_enabled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The phase-dependent SamplingBatch columns of this step (thinking, is_soft)."""
+        return {"thinking": self.thinking, "is_soft": self.is_soft_phase(soft_enabled)}

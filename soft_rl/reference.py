@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from soft_rl.densities import density_slots, soft_logprob, soft_weights
+from soft_rl.losses import entropy_from_logits
 from soft_rl.phase import PhaseTracker
 from soft_rl.rng import NoiseCounters
 from soft_rl.sampling import SamplingBatch, SoftSamplingParams, mix_embeddings, soft_sample
@@ -77,8 +78,8 @@ def generate(
     n_think = torch.zeros(B, dtype=torch.long, device=dev)
     steps = []
     for t in range(max_new_tokens):
-        batch.thinking = tracker.thinking
-        batch.is_soft = tracker.is_soft_phase(soft_enabled)
+        for name, col in tracker.phase_columns(soft_enabled).items():
+            setattr(batch, name, col)
         force = tracker.forced_tokens()
         o = soft_sample(logits, batch, NoiseCounters(batch.seed, torch.full((B,), t, device=dev)),
                         force_token=force, density=density)
@@ -148,9 +149,22 @@ def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str) -> t
     return torch.where(traj.is_soft.to(logits.device), soft, discrete)
 
 
+def position_entropy(logits: torch.Tensor, traj: Trajectory, density: str) -> torch.Tensor:
+    """Per-position policy entropy [R]: full vocabulary of softmax(z / T) at discrete positions, the K
+    density slots (p-hat) at soft ones (see ``soft_rl.losses.entropy_from_logits``)."""
+    zt = logits.float() / traj.position_temperatures().to(logits.device)[:, None]
+    full = entropy_from_logits(zt)
+    if not bool(traj.is_soft.any()):
+        return full
+    valid = density_slots(traj.slot_valid(), traj.kept, density).to(logits.device)
+    soft = entropy_from_logits(zt.gather(1, traj.topk_ids.to(logits.device)), valid)
+    return torch.where(traj.is_soft.to(logits.device), soft, full)
+
+
 def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "official",
-                            grad: bool = False) -> list[torch.Tensor]:
-    """Learner-side per-position log-probs of each trajectory (right-padded batch, full logits)."""
+                            grad: bool = False, with_entropy: bool = False):
+    """Learner-side per-position log-probs of each trajectory (right-padded batch, full logits);
+    with ``with_entropy`` also the per-position entropies: (log-probs, entropies)."""
     emb_w = model.get_input_embeddings().weight
     seqs = [build_inputs_embeds(emb_w, t) for t in trajs]
     L = max(s.shape[0] for s in seqs)
@@ -163,8 +177,10 @@ def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "
         attn[b, : s.shape[0]] = 1
     with torch.set_grad_enabled(grad):
         logits = model(inputs_embeds=x, attention_mask=attn).logits
-        out = []
+        out, ent = [], []
         for b, t in enumerate(trajs):
             P, R = t.prompt_ids.shape[0], t.num_tokens
             out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density))
-    return out
+            if with_entropy:
+                ent.append(position_entropy(logits[b, P - 1: P - 1 + R], t, density))
+    return (out, ent) if with_entropy else out

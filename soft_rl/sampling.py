@@ -373,7 +373,14 @@ def mix_embeddings(embedding_weight: torch.Tensor, ids: torch.Tensor, weights: t
 
     ids, weights: [..., K]; returns [..., H] in the embedding's dtype (accumulated in float32).
     """
+    return mix_rows(embedding_weight[ids], weights)
+
+
+def mix_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k rows_k for already gathered embedding rows [..., K, H] (w renormalised to sum 1), accumulated
+    in float32; returns [..., H] in the rows' dtype. An elementwise product and a sum over K, not a
+    matmul: its rounding must not depend on the batch shape, so the rollout's inputs and the
+    learner's rebuilt inputs are bit-identical."""
     w = weights.float()
     w = w / w.sum(-1, keepdim=True)
-    rows = embedding_weight[ids].float()  # [..., K, H]
-    return (w.unsqueeze(-1) * rows).sum(-2).to(embedding_weight.dtype)
+    return (w.unsqueeze(-1) * rows.float()).sum(-2).to(rows.dtype)

@@ -29,6 +29,7 @@ class UpdateConfig:
     agg: str = "token-mean"
     kl_coef: float = 0.0
     kl_kind: str = "k3"
+    entropy_coef: float = 0.0
     ppo_epochs: int = 1
     mini_batches: int = 1
     grad_clip: float = 1.0
@@ -65,12 +66,14 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     for _ in range(cfg.ppo_epochs):
         for idx in chunks:
             sub = [trajs[i] for i in idx.tolist()]
-            logp = pad_logprobs(teacher_forced_logprobs(model, sub, cfg.density, grad=True))
+            lp_rows, ent_rows = teacher_forced_logprobs(model, sub, cfg.density, grad=True, with_entropy=True)
+            logp = pad_logprobs(lp_rows)
             R = logp.shape[1]
             loss, m = ppo_policy_loss(
                 logp, old[idx, :R], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 dual_clip=cfg.dual_clip, agg=cfg.agg, ref_logp=None if ref is None else ref[idx, :R],
-                kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
+                kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, entropy=pad_logprobs(ent_rows),
+                entropy_coef=cfg.entropy_coef)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

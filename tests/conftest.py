@@ -7,6 +7,7 @@ loopback addresses, caches inside the work tree, Ray without token auth (a local
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ _ENV = {
 }
 for _k, _v in _ENV.items():
     os.environ.setdefault(_k, _v)
+# This venv's tools first on PATH for every process the tests start (Ray workers, jobs, Slurm steps), as the
+# Ray-head and Slurm tests must have it: otherwise DeepSpeed's JIT op build (deepspeed_shm_comm, in
+# TORCH_EXTENSIONS_DIR) alternates between the venv's ninja and /usr/bin/ninja, and each switch of ninja
+# version rebuilds the op from scratch (25-60 s on 2 cores).
+_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")

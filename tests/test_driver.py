@@ -18,7 +18,7 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
     out = tmp_path / "run"
     overrides = [f"model.path={toy / 'model'}", f"data.train_files=[{toy / 'train.jsonl'}]", "trainer.steps=2",
                  "data.prompts_per_step=4", f"trainer.out_dir={out}", "rollout.max_new_tokens=24",
-                 "rollout.thinking_budget=12"]
+                 "rollout.thinking_budget=12", "trainer.colocate=true", "learner.entropy_coef=0.001"]
     history = train(load_config("configs/tiny_cpu.yaml", overrides), log=lambda s: None)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and lines == json.loads(json.dumps(history))
@@ -28,6 +28,11 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
         assert rec["rollout_vs_learner/max_abs_logprob_diff"] <= 1e-4  # engine and learner agree
         assert rec["learner/skipped_steps"] == 0 and rec["learner/grad_norm"] >= 0  # all-zero rewards: 0
         assert rec["rollout/tokens"] > 0 and rec["time/step"] > 0
+        assert rec["learner/entropy"] > 0 and rec["sync/mb"] > 0  # entropy metric; broadcast sync (default)
+    # colocation: learner rank i and engine i were placed in one placement group (bundle i each)
+    where = json.loads((out / "placement.json").read_text())
+    groups = {a["placement_group"] for a in where["engines"] + where["learners"]}
+    assert len(where["engines"]) == len(where["learners"]) == 2 and len(groups) == 1 and None not in groups
     assert load_config(out / "config.yaml").trainer.steps == 2  # the resolved config is saved with the run
     assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     # bad config fails before any actor starts, naming the key

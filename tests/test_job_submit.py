@@ -1,5 +1,9 @@
 """`ray job submit --working-dir <repo>` against a live local Ray cluster that the test starts on 127.0.0.1.
 
+Two jobs on one head: tests/job_submit_check.py (what the upload holds, where the job runs) and a real, reduced
+`soft-rl train --dashboard` (tests/train_run.py: 2 steps, 1 engine, 1 learner, 1 reward actor; its outputs are
+checked, and its job status must be SUCCEEDED).
+
 Authentication: Ray 2.60 turns token authentication on by default, and that is what users should keep.
 `ray start --head` then creates ~/.ray/auth_token, and another shell submits with
 
@@ -32,6 +36,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+try:
+    import train_run
+except ImportError:  # pytest --import-mode=importlib
+    from tests import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -159,34 +168,78 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_ray_job_submit_working_dir():
+@pytest.fixture(scope="module")
+def head():
+    """One Ray head for this module's jobs; stop() asserts that no process of it is left."""
     t0 = time.monotonic()
-    head = LocalRayHead(num_cpus=2)
+    h = LocalRayHead(num_cpus=2)
+    print(f"ray head up {time.monotonic() - t0:.1f}s")
     try:
-        t_up = time.monotonic() - t0
-        sid = f"soft-rl-check-{uuid.uuid4().hex[:8]}"
-        cmd = [str(RAY), "job", "submit", "--address", head.dashboard_url, "--submission-id", sid,
-               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-               "--", "python", "tests/job_submit_check.py"]
-        r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=180, cwd=ROOT)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, f"ray job submit failed ({r.returncode}):\n{out[-4000:]}\n{head.log_tail()}"
-        assert f"Job '{sid}' succeeded" in out, out[-4000:]
-
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        client = JobSubmissionClient(head.dashboard_url)
-        assert client.get_job_status(sid) == JobStatus.SUCCEEDED
-        logs = client.get_job_logs(sid)
-        assert "job_submit_check: ok" in logs, logs
-        assert f"prefix={sys.prefix}" in logs, logs  # the job ran with this venv's python
-        assert "uploaded venv=False cache=False soft_rl=True" in logs, logs
-        cwd = next(line for line in logs.splitlines() if line.startswith("job_submit_check: cwd=")).split("=", 1)[1]
-        assert Path(cwd) != ROOT and str(head.tmp) in cwd, cwd  # ran in the uploaded copy, not the repo
-        t_job = time.monotonic() - t0 - t_up
+        yield h
     finally:
         t1 = time.monotonic()
-        head.stop()
-    assert not head.tmp.exists()
-    print(f"ray head up {t_up:.1f}s, job {t_job:.1f}s, stop {time.monotonic() - t1:.1f}s")
+        h.stop()
+        assert not h.tmp.exists()
+        print(f"ray head stopped in {time.monotonic() - t1:.1f}s")
+
+
+def _submit(head: LocalRayHead, sid: str, entrypoint: list[str], timeout: float) -> str:
+    """`ray job submit --working-dir <repo>` (the README's command); returns its output, asserts success."""
+    cmd = [str(RAY), "job", "submit", "--address", head.dashboard_url, "--submission-id", sid,
+           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", *entrypoint]
+    r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"ray job submit failed ({r.returncode}):\n{out[-6000:]}\n{head.log_tail()}"
+    assert f"Job '{sid}' succeeded" in out, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_ray_job_submit_working_dir(head):
+    """What --working-dir uploads and where the job runs (a small check script, ~5 s)."""
+    t0 = time.monotonic()
+    sid = f"soft-rl-check-{uuid.uuid4().hex[:8]}"
+    _submit(head, sid, ["python", "tests/job_submit_check.py"], timeout=180)
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(head.dashboard_url)
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED
+    logs = client.get_job_logs(sid)
+    assert "job_submit_check: ok" in logs, logs
+    assert f"prefix={sys.prefix}" in logs, logs  # the job ran with this venv's python
+    assert "uploaded venv=False cache=False soft_rl=True" in logs, logs
+    cwd = next(line for line in logs.splitlines() if line.startswith("job_submit_check: cwd=")).split("=", 1)[1]
+    assert Path(cwd) != ROOT and str(head.tmp) in cwd, cwd  # ran in the uploaded copy, not the repo
+    print(f"check job {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_soft_rl_train(head, tmp_path):
+    """The README's `ray job submit ... -- soft-rl train --config configs/tiny_cpu.yaml ...`, reduced (2 steps,
+    1 engine, 1 learner, 1 reward actor), with --dashboard: the driver joins the job's cluster, says whose
+    dashboard it is, starts a Prometheus next to the head for the run and stops it at the end."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    t0 = time.monotonic()
+    toy, out = train_run.make_toy(tmp_path / "toy"), tmp_path / "run"
+    prom_port = free_port()
+    sid = f"soft-rl-train-{uuid.uuid4().hex[:8]}"
+    _submit(head, sid, ["soft-rl", "train", "--dashboard", "--prometheus-port", str(prom_port),
+                        *train_run.train_args(toy, out, learners=1)], timeout=420)
+    client = JobSubmissionClient(head.dashboard_url)
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED
+    logs = client.get_job_logs(sid)
+    records = train_run.check_run(out, learners=1)
+    assert f"[train] step {train_run.STEPS}/{train_run.STEPS} reward=" in logs, logs[-4000:]
+    # all of the run's actors ran, here on the one node of this cluster
+    placement = train_run.actor_placement(logs)
+    assert len(placement) == 1 and not train_run.missing_actors(placement, learners=1), placement
+    # --dashboard on a joined cluster: the dashboard is the cluster's; Prometheus ran for the run only
+    assert "belongs to that cluster" in logs and f"Ray dashboard: {head.dashboard_url}" in logs, logs[-4000:]
+    assert f"Prometheus: http://127.0.0.1:{prom_port}" in logs, logs[-4000:]
+    assert "WITHOUT authentication on all interfaces" in logs, logs[-4000:]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", prom_port)) != 0, "the run's Prometheus outlived the run"
+    print(f"soft-rl train job {time.monotonic() - t0:.1f}s ({len(records)} steps, "
+          f"{sum(r['time/step'] for r in records):.1f}s in steps)")

@@ -25,41 +25,55 @@ def make_batch(model, tok, soft: bool, n_prompts=4, n=4):
     return trajs, rewards, group
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-@pytest.mark.parametrize("soft", [True, False], ids=["softgrpo", "grpo"])
-def test_two_ranks_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer, zero_stage, soft):
+def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_coef: float = 0.0,
+                                 entropy_coef: float = 0.0):
+    """k optimizer steps on 2 DeepSpeed ranks vs the pure-torch single-process update, same batch."""
     from transformers import AutoModelForCausalLM
 
+    from soft_rl.reference import teacher_forced_logprobs
     from workers.learner import LearnerGroup
 
     path = str(tiny_dir / "qwen2")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    trajs, rewards, group = make_batch(model, tiny_tokenizer, soft)
+    trajs, rewards, group = make_batch(model, tok, soft)
     # Adam's eps sets how strongly gradient rounding noise is amplified in elements whose gradient is
     # ~0 (there m / sqrt(v) is ~ +-1 whatever the noise); 1e-4 keeps the comparison well conditioned.
-    cfg = LearnerConfig(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=0.0,
-                        micro_batch_tokens=64, weight_decay=0.01, adam_eps=1e-4, sync_timeout_s=120)
-    # single process, pure torch
+    cfg = LearnerConfig(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=kl_coef,
+                        entropy_coef=entropy_coef, micro_batch_tokens=64, weight_decay=0.01, adam_eps=1e-4,
+                        sync_timeout_s=120)
+    # independent entropy reference at the initial weights: full HF logits, token mean per mini-batch
+    with torch.no_grad():
+        _, ents = teacher_forced_logprobs(model, trajs, with_entropy=True)
+    chunks = torch.arange(len(trajs)).chunk(cfg.mini_batches)
+    ent0 = [sum(float((ents[i] * ~trajs[i].forced).sum()) for i in idx.tolist())
+            / sum(int((~trajs[i].forced).sum()) for i in idx.tolist()) for idx in chunks]
+    # single process, pure torch (the reference model is the frozen initial policy)
     ref_model = copy.deepcopy(model)
+    frozen = copy.deepcopy(model) if kl_coef else None
     opt = torch.optim.AdamW(ref_model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     steps = 2
-    ref_norms = []
-    for _ in range(steps):
-        ref_norms.append(grpo_update(ref_model, opt, trajs, rewards, group, UpdateConfig(mini_batches=cfg.mini_batches),
-                                     per_step_metrics=True))
+    ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef)
+    ref_norms = [grpo_update(ref_model, opt, trajs, rewards, group, ucfg, ref_model=frozen, per_step_metrics=True)
+                 for _ in range(steps)]
     # two DeepSpeed ranks
     learners = LearnerGroup(path, cfg)
+    kls = []
     try:
         adv = compute_advantages("grpo", rewards, group)
         for step in range(steps):
             old = learners.logprobs(trajs)
-            for j, idx in enumerate(torch.arange(len(trajs)).chunk(cfg.mini_batches)):
+            ref = learners.logprobs(trajs, "ref") if kl_coef else None
+            for j, idx in enumerate(chunks):
                 ii = idx.tolist()
-                m = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii])
+                m = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
+                                              None if ref is None else [ref[i] for i in ii])
                 assert m["skipped_steps"] == 0
                 # the gradient itself (before clipping) matches: catches loss-scale errors Adam would hide
                 assert m["grad_norm"] == pytest.approx(ref_norms[step][j], rel=1e-4)
+                if step == 0 and j == 0:
+                    assert m["entropy"] == pytest.approx(ent0[0], rel=1e-5)
+                kls.append(m["kl"])
         state = learners.full_state_dict()
     finally:
         learners.shutdown()
@@ -67,3 +81,16 @@ def test_two_ranks_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer, z
     moved = max((state[n] - p.detach()).abs().max().item() for n, p in model.named_parameters())
     assert moved > 1e-3  # the update really changed the weights
     assert worst <= 1e-5, worst
+    return kls
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("soft", [True, False], ids=["softgrpo", "grpo"])
+def test_two_ranks_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer, zero_stage, soft):
+    _compare_with_single_process(tiny_dir, tiny_tokenizer, zero_stage, soft)
+
+
+def test_kl_reference_and_entropy_bonus_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer):
+    """ZeRO-3 with the frozen reference model (k3 KL) and an entropy bonus, SofT-GRPO."""
+    kls = _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, kl_coef=0.05, entropy_coef=0.01)
+    assert kls[0] == 0.0 and min(kls[1:]) > 0  # KL to the reference is 0 before the first step, then grows

@@ -131,3 +131,18 @@ def test_first_k_pass_is_order_dependent():
     outcomes = [False, False, True, False]
     assert [first_k_pass(outcomes, k) for k in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # the unbiased one does not depend on order
+
+
+def test_masked_entropy_equals_entropy_of_the_kept_entries():
+    from soft_rl.losses import entropy_from_logits
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 6, generator=g) * 3
+    valid = torch.rand(5, 6, generator=g) > 0.4
+    valid[:, 0] = True
+    got = entropy_from_logits(z, valid)
+    for i in range(5):
+        p = torch.softmax(z[i][valid[i]].double(), -1)
+        assert got[i].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-5)
+    assert torch.allclose(entropy_from_logits(z, torch.ones_like(valid)), entropy_from_logits(z))
+    assert float(entropy_from_logits(torch.tensor([[0.0, -1e9]]))) == pytest.approx(0.0, abs=1e-6)

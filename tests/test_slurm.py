@@ -1,10 +1,17 @@
-"""launch/slurm/soft_rl.sbatch on a real two-node Slurm cluster started on this host (slow, ~1 min).
+"""launch/slurm/soft_rl.sbatch on a real two-node Slurm cluster started on this host (slow, ~2 min).
 
 The cluster (tests/slurm_cluster.py): munged + slurmctld + ``slurmd -N n1`` + ``slurmd -N n2`` on
 127.0.0.1, private key, sockets and ports, stopped again at the end of the module. Each job brings a
-Ray cluster up across n1 and n2 (head + worker, as on a real cluster), runs a small driver that puts
-one task on each Ray node, and tears everything down. Ray still advertises the host's own address
-(it maps 127.0.0.1 to it), so its traffic stays on this host without being strictly loopback.
+Ray cluster up across n1 and n2 (head + worker, as on a real cluster), runs a driver and tears
+everything down. Ray still advertises the host's own address (it maps 127.0.0.1 to it), so its
+traffic stays on this host without being strictly loopback.
+
+* test_two_node_soft_rl_train: the script's default driver, a real ``soft-rl train --config
+  configs/tiny_cpu.yaml ...`` (reduced, tests/train_run.py: 2 steps, 1 engine, 2 learners, 1 reward
+  actor, 1.5 CPUs of actors on two 1-CPU nodes); exit code 0, the run's outputs, the driver's
+  actor placement on both Slurm nodes, nothing left afterwards.
+* test_cancel_tears_down_with_default_token_auth: a small check driver (``--`` form) that puts one
+  task on each node, then scancel under the default token auth.
 
 Slurm and munge are Debian packages: without them these tests FAIL (not skip) and name
 ``launch/install_test_deps.sh``, which CI runs first.
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import train_run
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, check_prerequisites, free_port_block
 
 pytestmark = pytest.mark.slow
@@ -29,7 +37,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test (CI runs in a fresh clone)
 SBATCH = ROOT / "launch" / "slurm" / "soft_rl.sbatch"
 
-# The driver: connects to the cluster the job built, runs one task pinned to each node, reports where
+# A check driver: connects to the cluster the job built, runs one task pinned to each node, reports where
 # they ran. With an argument it then announces READY and waits (to be cancelled).
 CHECK = r"""
 import json, os, socket, sys, time
@@ -101,9 +109,14 @@ def job_env(slurm, tmp_path):
 
 
 def _submit(slurm, env, tmp_path, *driver_args) -> tuple[int, Path]:
+    """sbatch the script with the check driver (``-- python check.py ...``)."""
+    return _sbatch(slurm, env, tmp_path, "--", sys.executable, str(tmp_path / "check.py"), *driver_args)
+
+
+def _sbatch(slurm, env, tmp_path, *script_args) -> tuple[int, Path]:
     out = tmp_path / "job.out"
     jobid = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={out}", f"--chdir={tmp_path}", str(SBATCH),
-                          "--", sys.executable, str(tmp_path / "check.py"), *driver_args], env=env, cwd=tmp_path)
+                          *script_args], env=env, cwd=tmp_path)
     return jobid, out
 
 
@@ -141,26 +154,30 @@ def _assert_nothing_left(slurm, jobid: int, env: dict, pids=(), timeout: float =
     assert not left, "processes of the job outlived it:\n" + "\n".join(left)
 
 
-def test_two_node_job_runs_on_both_nodes_and_cleans_up(slurm, job_env, tmp_path):
+def test_two_node_soft_rl_train(slurm, job_env, tmp_path):
+    """`sbatch --nodes=2 soft_rl.sbatch --config configs/tiny_cpu.yaml ...`: the script runs `soft-rl train`."""
     t0 = time.monotonic()
-    jobid, out = _submit(slurm, job_env, tmp_path)
-    state, code = slurm.wait_job(jobid, timeout=150)
+    toy, run = train_run.make_toy(tmp_path / "toy"), tmp_path / "run"
+    jobid, out = _sbatch(slurm, job_env, tmp_path, *train_run.train_args(toy, run))
+    state, code = slurm.wait_job(jobid, timeout=420)
     text = out.read_text(errors="replace") if out.exists() else "(no output)"
     assert (state, code) == ("COMPLETED", "0:0"), f"job {jobid}: {state} {code}\n{text}\n{slurm.logs()}"
-
-    rec = _check_record(text)
-    assert rec["nodes"] == 2 and len(set(rec["node_ids"])) == 2, rec
-    assert sorted(rec["labels"]) == ["n1", "n2"], rec  # each Ray node knows its Slurm node
-    # one task on each Ray node, and each ran inside that node's Slurm step
-    assert sorted(t["node_id"] for t in rec["tasks"]) == sorted(rec["node_ids"]), rec
-    assert sorted(t["slurm_node"] for t in rec["tasks"]) == ["n1", "n2"], rec
-    assert rec["auth"] == "disabled" and rec["slurm_nodes"] == "2", rec
     assert "all 2 Ray nodes joined" in text and "teardown done (exit code 0)" in text, text
+    assert "driver: soft-rl train --config" in text, text  # the script's default driver
+    records = train_run.check_run(run)
+    assert f"[train] step {train_run.STEPS}/{train_run.STEPS} reward=" in text, text
 
-    _assert_nothing_left(slurm, jobid, job_env, pids={t["pid"] for t in rec["tasks"]})
+    # the run's actors ran on both Ray nodes, each node being a Slurm step on n1 / n2 (its label)
+    placement = train_run.actor_placement(text)
+    assert sorted(n["labels"].get("slurm-node") for n in placement.values()) == ["n1", "n2"], placement
+    assert not train_run.missing_actors(placement), placement
+
+    pids = {a["pid"] for n in placement.values() for a in n["actors"]}
+    _assert_nothing_left(slurm, jobid, job_env, pids=pids)
     assert not Path(job_env["SOFT_RL_RAY_TMPDIR"]).exists(), "the job's Ray temp dir was not removed"
     assert not Path(job_env["SOFT_RL_SLURM_INFO_DIR"]).exists(), "the job's info dir was not removed"
-    print(f"two-node job: {time.monotonic() - t0:.1f}s")
+    print(f"two-node soft-rl train job: {time.monotonic() - t0:.1f}s ({len(records)} steps, "
+          f"{sum(r['time/step'] for r in records):.1f}s in steps)")
 
 
 def test_cancel_tears_down_with_default_token_auth(slurm, job_env, tmp_path):

@@ -1,9 +1,11 @@
 """Learner -> rollout weight sync: engine matches the learner after a sync, a stale or corrupted sync
 is caught by the parity probe, a hung or dead engine times out with a clear error."""
 
+import copy
 import time
 
 import pytest
+import ray
 import torch
 
 from soft_rl.config import LearnerConfig
@@ -19,7 +21,7 @@ def test_sync_probe_and_corruption(ray_cluster, tmp_path, tiny_tokenizer):
     from soft_rl.tiny import build_model
     from workers.learner import LearnerGroup
     from workers.rollout import RolloutPool, RolloutRequest
-    from workers.weight_sync import WeightSyncError, check_parity, make_buckets, sync_weights
+    from workers.weight_sync import BroadcastChannel, WeightSyncError, check_parity, make_buckets, sync_weights
 
     model = build_model(tmp_path / "m", tiny_tokenizer, arch="qwen2", seed=9, **ARCH).eval()
     prompts = [list(tiny_tokenizer.encode(f"p{i}: {i} and {i + 1}")) for i in range(4) for _ in range(2)]
@@ -51,38 +53,63 @@ def test_sync_probe_and_corruption(ray_cluster, tmp_path, tiny_tokenizer):
         state[name] = state[name] + 0.05 * torch.randn_like(state[name])
         with pytest.raises(WeightSyncError, match="parity probe failed"):
             sync_weights(learners, pool, state=state, timeout_s=60, probe=probe)
+
+        # broadcast transport (gloo group: learner rank 0 + the engine), ZeRO-3 gathers bucket by bucket
+        channel = BroadcastChannel(learners, pool, bucket_mb=0.05, timeout_s=60)
+        assert len(channel.layout) > 3
+        learners.train_mini_batch(trajs, adv, learners.logprobs(trajs))
+        with pytest.raises(WeightSyncError, match="parity probe failed"):
+            check_parity(learners, pool, probe, 1e-4, 60)
+        for _ in range(2):  # the group is opened once and reused
+            m = sync_weights(learners, pool, timeout_s=60, probe=probe, channel=channel)
+            assert m["sync/probe_max_abs_diff"] <= 1e-4 and m["sync/buckets"] == len(channel.layout)
+        assert channel.open
+        got = pool.generate([RolloutRequest(p.prompt_ids, SoftSamplingParams(seed=78, thinking_budget=4), 8)
+                             for p in probe])
+        for a, t in zip(learners.logprobs(got), got, strict=True):
+            assert (a - t.logprobs).abs().max() <= 1e-4
+        # a wrong name mapping on the receiving side (two same-shaped MLP weights swapped) is caught
+        wrong = copy.deepcopy(channel.layout)
+        where = {n: (i, j) for i, b in enumerate(wrong) for j, n in enumerate(b.names)}
+        (ia, ja), (ib, jb) = where["model.layers.0.mlp.gate_proj.weight"], where["model.layers.0.mlp.up_proj.weight"]
+        wrong[ia].names[ja], wrong[ib].names[jb] = wrong[ib].names[jb], wrong[ia].names[ja]
+        ray.get([pool.workers[0].receive_weights.remote(wrong)]
+                + [a.broadcast_weights.remote(channel.layout) for a in learners.actors])
+        with pytest.raises(WeightSyncError, match="parity probe failed"):
+            check_parity(learners, pool, probe, 1e-4, 60)
+        sync_weights(learners, pool, timeout_s=60, probe=probe, channel=channel)  # and a good sync repairs it
     finally:
         pool.shutdown()
         learners.shutdown()
     assert [len(b) for b in make_buckets({"a": torch.zeros(4), "b": torch.zeros(300000)}, 0.5)] == [1, 1]
 
 
-class StubWorker:
-    def __init__(self, mode):
-        self.mode = mode
-
-    def stage_weights(self, bucket):
-        if self.mode == "hang":
-            time.sleep(3600)
-        return len(bucket)
-
-    def commit_weights(self):
-        return 0
-
-
+@pytest.mark.parametrize("transport", ["object_store", "broadcast"])
 @pytest.mark.parametrize("mode", ["hang", "dead"])
-def test_hung_or_dead_engine_fails_clearly(ray_cluster, mode):
-    import ray
-
-    from workers.weight_sync import WeightSyncError, sync_weights
+def test_hung_or_dead_engine_fails_clearly(ray_cluster, mode, transport):
+    from tests.sync_stubs import StubLearner, StubWorker
+    from workers.weight_sync import BroadcastChannel, WeightSyncError, sync_weights
 
     class Pool:
         workers = [ray.remote(num_cpus=0)(StubWorker).remote(mode)]
 
+    class Learners:
+        actors = [ray.remote(num_cpus=0)(StubLearner).remote()]
+
+    ray.get([Pool.workers[0].num_ranks.remote(), Learners.actors[0].weight_specs.remote()])  # started
+    channel = None
+    if transport == "broadcast":
+        channel = BroadcastChannel(Learners, Pool, timeout_s=2)
+        channel._open()
     if mode == "dead":
         ray.kill(Pool.workers[0])
     t0 = time.time()
     with pytest.raises(WeightSyncError, match="rollout worker 0 (did not finish|died)"):
-        sync_weights(None, Pool, state={"w": torch.zeros(3)}, timeout_s=2)
+        if channel is None:
+            sync_weights(None, Pool, state={"w": torch.zeros(3)}, timeout_s=2)
+        else:
+            sync_weights(Learners, Pool, timeout_s=2, channel=channel)
     assert time.time() - t0 < 30
+    assert channel is None or not channel.open  # reopened by the next sync
     ray.kill(Pool.workers[0])
+    ray.kill(Learners.actors[0])

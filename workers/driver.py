@@ -25,7 +25,6 @@ and pushes its weights to the engines. The rollout noise seeds are a pure functi
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -64,16 +63,16 @@ def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> 
             "eval/mean_length": sum(t.num_tokens for t in trajs) / len(trajs)}
 
 
-def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -> list[dict]:
+def train(cfg: Config, log=print, resume: bool = False, progress: bool = True, dashboard: bool = False,
+          dashboard_port: int | None = None, prometheus_port: int = 9090) -> list[dict]:
     """Run (or with ``resume``, continue) training; returns the per-step metric records. Metrics go to
-    runs/<name>/metrics.jsonl, TensorBoard (tb/), Ray metrics (Prometheus) and a progress bar."""
-    import ray
+    runs/<name>/metrics.jsonl, TensorBoard (tb/), Ray metrics (Prometheus) and a progress bar.
+
+    Ray: see :func:`workers.cluster.init_ray` (joins RAY_ADDRESS, else starts a local cluster; ``dashboard``
+    adds the dashboard on 127.0.0.1 and a local Prometheus, stopped again when the run ends or fails)."""
     from transformers import AutoTokenizer
 
-    from workers.learner import LearnerGroup
-    from workers.reward import RewardPool
-    from workers.rollout import RolloutPool, RolloutRequest
-    from workers.weight_sync import sync_weights
+    from workers.cluster import init_ray
 
     out = Path(cfg.trainer.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,19 +82,75 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -
     problems = [p for f in cfg.data.train_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
     eval_problems = [p for f in cfg.data.eval_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    if not ray.is_initialized():
-        # Under `ray job submit` / Slurm RAY_ADDRESS names the cluster: join it without local options.
-        ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(include_dashboard=False, log_to_driver=False)
+    session = init_ray(dashboard, dashboard_port=dashboard_port, prometheus_port=prometheus_port, log=log)
+    try:
+        return _train(cfg, tok, problems, eval_problems, out, log, resume, progress)
+    finally:
+        session.stop()
+
+
+def _train(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool, progress: bool) -> list[dict]:
+    from workers.learner import LearnerGroup
+    from workers.placement import Colocation, resolve_device
+    from workers.reward import RewardPool
+    from workers.rollout import RolloutPool
+
     r, lc = cfg.rollout, cfg.learner
-    engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=cfg.trainer.device != "gpu",
-                     max_model_len=cfg.model.max_model_len, max_k=r.k, max_new_tokens=r.max_new_tokens)
-    pool = RolloutPool(r.num_engines, cfg.model.path, engine_kw, tensor_parallel_size=r.tensor_parallel_size,
-                       num_cpus_per_worker=0.5 if cfg.trainer.device == "cpu" else 1)
-    learners = LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
-                            device="gpu" if cfg.trainer.device == "gpu" else "cpu",
-                            norm_length=r.max_new_tokens)
-    rewards_pool = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
-                              timeout_s=cfg.reward.timeout_s)
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.colocate and device == "gpu" and lc.sync_transport == "broadcast":
+        raise ValueError("config key 'learner.sync_transport': colocated GPU engines need object_store "
+                         "(NCCL cannot hold two ranks on one GPU)")
+    engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=device != "gpu", max_model_len=cfg.model.max_model_len,
+                     max_k=r.k, max_new_tokens=r.max_new_tokens, prefix_caching=r.prefix_caching)
+    engine_env = {}
+    if device == "gpu":
+        engine_kw["gpu_memory_utilization"] = r.gpu_memory_utilization
+        if cfg.trainer.colocate:
+            engine_kw["enable_sleep_mode"] = True
+    else:
+        engine_env["VLLM_CPU_KVCACHE_SPACE"] = str(r.kv_cache_gb)
+    engine_cpus, learner_cpus = (0.5, 0.5) if device == "cpu" else (1.0, 1.0)
+    colocation = Colocation(lc.world_size, learner_cpus, engine_cpus, device == "gpu") if cfg.trainer.colocate \
+        else None
+    pool = learners = rewards_pool = None
+    try:
+        pool = RolloutPool(r.num_engines, cfg.model.path, engine_kw, tensor_parallel_size=r.tensor_parallel_size,
+                           num_cpus_per_worker=engine_cpus, env=engine_env,
+                           actor_options=colocation and [colocation.options(i, "engine") for i in range(r.num_engines)])
+        learners = LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed, device=device,
+                                num_cpus_per_actor=learner_cpus, norm_length=r.max_new_tokens,
+                                actor_options=colocation and [colocation.options(i, "learner")
+                                                              for i in range(lc.world_size)])
+        rewards_pool = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
+                                  timeout_s=cfg.reward.timeout_s)
+        return _run(cfg, tok, problems, eval_problems, out, log, resume, progress, pool, learners, rewards_pool,
+                    sleep_engines=colocation is not None and device == "gpu", device=device)
+    finally:
+        for actors in (pool, learners, rewards_pool):
+            if actors is not None:
+                actors.shutdown()
+        if colocation is not None:
+            colocation.remove()
+
+
+def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool, progress: bool, pool, learners,
+         rewards_pool, sleep_engines: bool, device: str) -> list[dict]:
+    """The training loop over started actors. ``sleep_engines``: colocated GPU engines sleep while the
+    learners work (freeing their GPU memory) and wake up for the weight sync."""
+    from workers.rollout import RolloutRequest
+    from workers.weight_sync import BroadcastChannel, sync_weights
+
+    r, lc = cfg.rollout, cfg.learner
+    channel = None
+    if lc.sync_transport == "broadcast":
+        channel = BroadcastChannel(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s,
+                                   device=device)
+
+    def sync_engines() -> dict[str, float]:
+        if sleep_engines:
+            pool.wake_up()
+        return sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s, channel=channel)
+
     history: list[dict] = []
     start, pos = 0, 0
     ckpt_root = out / "checkpoints"
@@ -115,7 +170,7 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -
                 raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
             client = learners.load_checkpoint(str(latest))
             start, pos = int(client["step"]), int(client["data_pos"])
-            sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s)
+            sync_engines()
             log(f"[train] resumed from {latest} at step {start}")
         te = cfg.trainer
         if eval_problems and te.eval_every and start == 0:
@@ -130,6 +185,8 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -
                                        r.max_new_tokens)
                         for i, p in enumerate(batch) for j in range(r.n)]
             trajs = pool.generate(requests)
+            if sleep_engines:
+                pool.sleep()
             t_roll = time.perf_counter()
             texts = [response_text(tok, t.tokens.tolist()) for t in trajs]
             golds = [p.answer for p in batch for _ in range(r.n)]
@@ -148,7 +205,7 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -
                     metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
                                                         None if ref is None else [ref[i] for i in ii])
             t_upd = time.perf_counter()
-            sync = sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s)
+            sync = sync_engines()
             t_end = time.perf_counter()
             n_tok = sum(t.num_tokens for t in trajs)
             rec = {
@@ -174,16 +231,40 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True) -
             log(f"[train] step {step + 1}/{cfg.trainer.steps} reward={rec['reward/mean']:.3f} "
                 f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec['time/step']:.1f}"
                 + (f" eval_pass@1={rec['eval/pass@1']:.3f}" if "eval/pass@1" in rec else ""))
+            if step == start:  # every actor has worked by now
+                log(f"[train] actors by node: {json.dumps(actor_placement())}")
+                (out / "placement.json").write_text(json.dumps(
+                    {"engines": pool.placement(), "learners": learners.placement()}, indent=1))
     finally:
         telemetry.close()
-        pool.shutdown()
-        learners.shutdown()
-        rewards_pool.shutdown()
     return history
 
 
-def main(config: str | None, overrides: list[str], resume: bool = False) -> int:
+def actor_placement() -> dict:
+    """``{node id: {"ip", "labels", "actors": [{"class", "pid"}]}}`` for this job's live actors (from the GCS,
+    so it works without the dashboard); {} when it cannot be read. Shows which node runs what."""
+    try:
+        import ray
+
+        job = ray.get_runtime_context().get_job_id()
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
+        out: dict = {}
+        for a in ray._private.state.actors().values():
+            if a.get("State") != "ALIVE" or a.get("JobID") != job:
+                continue
+            nid = a["Address"]["NodeID"]
+            node = out.setdefault(nid, {"ip": nodes.get(nid, {}).get("NodeManagerAddress"),
+                                        "labels": {k: v for k, v in nodes.get(nid, {}).get("Labels", {}).items()
+                                                   if not k.startswith("ray.io/")}, "actors": []})
+            node["actors"].append({"class": a["ActorClassName"], "pid": a["Pid"]})
+        return out
+    except Exception:  # pragma: no cover - best effort, never stops a run
+        return {}
+
+
+def main(config: str | None, overrides: list[str], resume: bool = False, dashboard: bool = False,
+         dashboard_port: int | None = None, prometheus_port: int = 9090) -> int:
     cfg = load_config(config, overrides)
     print(json.dumps(asdict(cfg.trainer)))
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, dashboard=dashboard, dashboard_port=dashboard_port, prometheus_port=prometheus_port)
     return 0

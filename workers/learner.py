@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
@@ -131,6 +132,11 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def init(self, addr: str, port: int) -> int:
+        # DeepSpeed JIT-builds its C++ ops with the first `ninja` on PATH; a different one (venv vs system)
+        # invalidates the build cache and costs a full rebuild, so always use this interpreter's.
+        venv_bin = os.path.dirname(sys.executable)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != venv_bin:
+            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -185,8 +191,9 @@ class LearnerWorker:
         with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
             return build_micro_batch(emb.detach(), trajs, self.cfg.density)
 
-    def _forward(self, engine, trajs: Sequence[Trajectory]) -> tuple[torch.Tensor, list[int]]:
-        """Per-position log-probs (flat, trajectory after trajectory) of a non-empty micro-batch."""
+    def _forward(self, engine, trajs: Sequence[Trajectory], with_entropy: bool = False, entropy_grad: bool = False):
+        """Per-position log-probs (flat, trajectory after trajectory) of a non-empty micro-batch, and the
+        trajectory lengths; with ``with_entropy`` the log-probs are a (log-probs, entropies) pair."""
         module = engine.module if hasattr(engine, "module") else engine
         mb = self._micro_batch(module, trajs)
         disc_logits, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
@@ -195,7 +202,8 @@ class LearnerWorker:
         return head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens,
                              noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
                              noise=s.noise if s.noise != "none" else "gumbel", noise_scale=s.noise_scale,
-                             clamp=s.noise_clamp, dirichlet_alpha=s.dirichlet_alpha), mb.lengths
+                             clamp=s.noise_clamp, dirichlet_alpha=s.dirichlet_alpha,
+                             with_entropy=with_entropy, entropy_grad=entropy_grad), mb.lengths
 
     def _filler_forward(self, engine, micro_batches: list[list[Trajectory]]) -> torch.Tensor:
         """A zero-weight forward for a rank with fewer micro-batches than the others.
@@ -232,13 +240,15 @@ class LearnerWorker:
         """Accumulate every micro-batch's share of the global loss, then one optimizer step."""
         c = self.cfg
         self.engine.train()
-        sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "logratio": 0.0}
+        sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "logratio": 0.0, "entropy": 0.0}
         for i, trajs in enumerate(micro_batches):
             if not trajs:
                 self.engine.backward(self._filler_forward(self.engine, micro_batches), scale_wrt_gas=False)
                 continue
-            flat, lengths = self._forward(self.engine, trajs)
+            (flat, flat_ent), lengths = self._forward(self.engine, trajs, with_entropy=True,
+                                                      entropy_grad=bool(c.entropy_coef))
             logp = pad_rows(flat, lengths)
+            ent = pad_rows(flat_ent, lengths)
             old_lp = pad_rows(torch.cat(old[i]), lengths)
             mask = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), lengths)
             per_token, parts = ppo_token_losses(logp, old_lp, advantages[i], clip_low=c.clip_low,
@@ -250,6 +260,11 @@ class LearnerWorker:
                 kl_num, _ = aggregate_parts(kl_penalty(logp, ref_lp, c.kl_kind), mask, c.loss_agg, norm_length)
                 loss = loss + c.kl_coef * kl_num / denominator
                 sums["kl"] += float(kl_num)
+            # entropy bonus: loss -= entropy_coef * agg(H) (the per-token entropy is always reported)
+            ent_num, _ = aggregate_parts(ent, mask, c.loss_agg, norm_length)
+            if c.entropy_coef:
+                loss = loss - c.entropy_coef * ent_num / denominator
+            sums["entropy"] += float((ent.detach() * mask).sum())
             # DeepSpeed averages gradients over the data-parallel ranks; the loss is a global sum.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["pg"] += float(num)
@@ -273,6 +288,56 @@ class LearnerWorker:
             with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                 out[name] = p.detach().clone().float().cpu()
         return out
+
+    # broadcast transport (workers.weight_broadcast): learner rank 0 is rank 0 of the sync group
+
+    def weight_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(HF name, full shape, dtype) of every parameter, in the order ``broadcast_weights`` sends them."""
+        out = []
+        for name, p in self.engine.module.hf.named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            out.append((name, shape, str(p.dtype).removeprefix("torch.")))
+        return out
+
+    def _sync_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
+
+    def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
+        from workers.weight_broadcast import open_group
+
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 joins the weight broadcast group")
+        backend = "nccl" if self.device == "gpu" else "gloo"
+        self._weight_group = open_group(backend, host, port, 0, world_size, timeout_s, self._sync_device())
+        return 0
+
+    def broadcast_weights(self, layout) -> int:
+        """Send every bucket of ``layout``; all ranks call it (ZeRO-3 gathers each bucket's parameters
+        collectively), rank 0 packs and broadcasts."""
+        import deepspeed
+
+        from workers.weight_broadcast import pack, send
+
+        params = dict(self.engine.module.hf.named_parameters())
+        group = getattr(self, "_weight_group", None)
+        if self.rank == 0 and group is None:
+            raise RuntimeError("broadcast_weights before join_weight_group")
+        sent = 0
+        for bucket in layout:
+            ps = [params[n] for n in bucket.names]
+            with torch.no_grad(), deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
+                if self.rank == 0:
+                    send(group, pack(bucket, ps, self._sync_device()))
+                    sent += len(ps)
+        return sent
+
+    def leave_weight_group(self) -> None:
+        self._weight_group = None
+
+    def placement(self) -> dict:
+        from workers.rollout import placement_info
+
+        return placement_info()
 
     def skipped_steps(self) -> int:
         return self.optimizer.skipped
@@ -310,11 +375,17 @@ class LearnerGroup:
     """Driver-side handle of N learner ranks."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, dtype: str = "float32", seed: int = 0,
-                 device: str = "cpu", num_cpus_per_actor: float = 0.5, norm_length: int | None = None):
+                 device: str = "cpu", num_cpus_per_actor: float = 0.5, norm_length: int | None = None,
+                 actor_options: list[dict] | None = None):
+        """``actor_options``: per-rank Ray options (e.g. a colocation bundle, see workers.placement)."""
         self.cfg, self.norm_length = cfg, norm_length
         n = cfg.world_size
-        actor = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=1 if device == "gpu" else 0)(LearnerWorker)
-        self.actors = [actor.remote(r, n, model_path, asdict(cfg), dtype, seed, device) for r in range(n)]
+        if actor_options is not None and len(actor_options) != n:
+            raise ValueError(f"{len(actor_options)} actor_options for {n} learner ranks")
+        base = {"num_cpus": num_cpus_per_actor, "num_gpus": 1 if device == "gpu" else 0}
+        actor = ray.remote(LearnerWorker)
+        self.actors = [actor.options(**{**base, **(actor_options[r] if actor_options else {})})
+                       .remote(r, n, model_path, asdict(cfg), dtype, seed, device) for r in range(n)]
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.init.remote(addr, port) for a in self.actors])
 
@@ -361,11 +432,15 @@ class LearnerGroup:
         return {
             "pg_loss": sum(p["pg"] for p in parts) / den,
             "kl": sum(p["kl"] for p in parts) / den,
+            "entropy": sum(p["entropy"] for p in parts) / tokens,  # token mean over the sampled tokens
             "clip_frac": sum(p["clip"] for p in parts) / tokens,
             "abs_log_ratio": sum(p["logratio"] for p in parts) / tokens,
             "grad_norm": parts[0]["grad_norm"],
             "skipped_steps": parts[0]["skipped"],
         }
+
+    def placement(self) -> list[dict]:
+        return ray.get([a.placement.remote() for a in self.actors])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         # a collective under ZeRO-3: every rank gathers, rank 0's copy is returned

@@ -238,9 +238,7 @@ def dashboard_hint(dashboard_url: str | None = None, metrics_ports: list[str] | 
     token_on = os.environ.get("RAY_AUTH_MODE", "token").lower() != "disabled"
     lines = []
     if url:
-        port = urllib.parse.urlparse(url).port or 8265
-        lines.append(f"Ray dashboard: {url}  (from another machine: ssh -L {port}:127.0.0.1:{port} <this host>, "
-                     f"then open http://localhost:{port})")
+        lines.append(f"Ray dashboard: {url}  ({_how_to_open(url, 8265)})")
         if token_on:
             lines.append("  token auth is on (Ray's default): API clients need `Authorization: Bearer <token>`; "
                          "the token is in ~/.ray/auth_token (or $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH); "
@@ -248,8 +246,9 @@ def dashboard_hint(dashboard_url: str | None = None, metrics_ports: list[str] | 
     else:
         lines.append("Ray dashboard: not running (start Ray with include_dashboard=True / `ray start --head`).")
     if prometheus is not None:
-        lines.append(f"Prometheus: {prometheus.url}  (query e.g. ray_soft_rl_reward_mean; the dashboard's charts "
-                     "also need Grafana, which Debian does not package)")
+        lines.append(f"Prometheus: {prometheus.url}  ({_how_to_open(prometheus.url, 9090)}; query e.g. "
+                     "ray_soft_rl_reward_mean; the dashboard's charts also need Grafana, which Debian does not "
+                     "package)")
     elif prometheus_binary() is None:
         lines.append(INSTALL_HINT)
     else:
@@ -258,6 +257,17 @@ def dashboard_hint(dashboard_url: str | None = None, metrics_ports: list[str] | 
     lines.append(f"Ray metrics export: {where} -- answers WITHOUT authentication on all interfaces (0.0.0.0), "
                  "even with token auth on; firewall these ports on shared networks.")
     return "\n".join(lines)
+
+
+def _how_to_open(url: str, default_port: int) -> str:
+    """A browser on this host opens ``url`` as it is; from another machine, tunnel to it with ssh."""
+    u = urllib.parse.urlparse(url)
+    port, host = u.port or default_port, u.hostname or "127.0.0.1"
+    tunnel = f"then open http://localhost:{port}"
+    if host in ("127.0.0.1", "localhost", "::1"):  # loopback only: a browser here, or an ssh tunnel to here
+        return f"open it in a browser on this host; from another machine: ssh -L {port}:{host}:{port} <this host>, " \
+            + tunnel
+    return f"open it from a machine that reaches {host}, or: ssh -L {port}:{host}:{port} <a host that does>, " + tunnel
 
 
 def print_dashboard_hint(**kw) -> None:

@@ -2,7 +2,8 @@
 
 1. ``soft-rl toy-init .cache/toy`` (cached after the first call): the toy task and a warm-started tiny Qwen2.
 2. A local Ray cluster with the dashboard on 127.0.0.1 (its URL is printed), Prometheus when Debian's
-   ``prometheus`` is installed.
+   ``prometheus`` is installed: ``train(..., dashboard=True)``, the same as ``soft-rl train --dashboard``
+   (:func:`workers.cluster.init_ray`); both are stopped when the run ends.
 3. ``configs/tiny_cpu.yaml``: 2 soft-thinking vLLM rollout engines, 2 DeepSpeed ZeRO-2 learners,
    2 reward actors; held-out toy pass@1 is evaluated before and after training.
 4. The last line is exactly ``toy pass@1: before=<x> after=<y>``.
@@ -17,8 +18,6 @@ from pathlib import Path
 
 def run(toy_dir: str = ".cache/toy", out_dir: str = "runs/quickstart", overrides: list[str] | None = None,
         dashboard: bool = True) -> tuple[float, float]:
-    import ray
-
     from soft_rl.config import load_config
     from soft_rl.toy import toy_init
     from workers.driver import train
@@ -30,26 +29,12 @@ def run(toy_dir: str = ".cache/toy", out_dir: str = "runs/quickstart", overrides
         f"model.path={toy / 'model'}", f"data.train_files=[{toy / 'train.jsonl'}]",
         f"data.eval_files=[{toy / 'test.jsonl'}]", f"trainer.out_dir={out_dir}", *(overrides or [])])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
-    if not ray.is_initialized():
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
-        if dashboard and ctx.dashboard_url:
-            print(f"[quickstart] Ray dashboard: http://{ctx.dashboard_url}", flush=True)
-        _maybe_prometheus()
     print(f"[quickstart] logs and metrics: {Path(out_dir).resolve()} (metrics.jsonl, config.yaml); "
           f"checkpoints: {Path(out_dir).resolve() / 'checkpoints'}", flush=True)
-    history = train(cfg, log=lambda s: print(s, flush=True))
+    # train() starts the local cluster with the dashboard and Prometheus, prints their URLs, stops them at the end
+    history = train(cfg, log=lambda s: print(s, flush=True), dashboard=dashboard)
     evals = [r["eval/pass@1"] for r in history if "eval/pass@1" in r]
     before, after = evals[0], evals[-1]
     print(f"[quickstart] {cfg.trainer.steps} SofT-GRPO steps, {time.time() - t0:.0f}s in all", flush=True)
     print(f"toy pass@1: before={before:.3f} after={after:.3f}", flush=True)
     return before, after
-
-
-def _maybe_prometheus() -> None:
-    try:
-        from workers.prometheus import start_prometheus
-    except ImportError:
-        return
-    handle = start_prometheus()
-    if handle is not None:
-        print(f"[quickstart] Prometheus (feeds the dashboard's metrics view): {handle.url}", flush=True)

@@ -5,11 +5,14 @@
     pool.update_weights(policy.state_dict().items())   # through the Ray object store
     pool.shutdown()
 
-Weight sync: ``update_weights`` receives (name, tensor) pairs through the Ray object store (one
-``ray.put`` shared by all workers) and reloads them in place (``reload_weights``; on CPU
-``load_weights`` fails after start-up). A torch.distributed broadcast-group receiver (learner rank 0
-broadcasting straight into the engines) is NOT implemented yet: it is the follow-up for large
-models, where one object-store copy per node is too slow.
+Weight sync, two receiving paths (both reload in place with vLLM's ``reload_weights``; on CPU
+``load_weights`` fails after start-up):
+
+* object store: ``update_weights`` / ``stage_weights`` + ``commit_weights`` take (name, tensor)
+  pairs put once in the Ray object store;
+* broadcast group: ``join_weight_group`` makes every worker process of the engine (each TP rank) a
+  rank of a torch.distributed group whose rank 0 is learner rank 0 (NCCL on GPU, gloo on CPU);
+  ``receive_weights(layout)`` then streams the broadcast buckets straight into the model loader.
 
 Each worker must be shut down explicitly (``shutdown``): vLLM engines killed with their actor leak
 /dev/shm segments.
@@ -39,6 +42,15 @@ DEFAULT_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 _FORWARDED = ("VLLM_", "OMP_", "TORCHINDUCTOR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "LD_PRELOAD")
+
+
+def placement_info() -> dict:
+    """This actor's node, placement group and GPUs, as Ray assigned them."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "placement_group": ctx.get_placement_group_id(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
 
 @dataclass
@@ -85,6 +97,29 @@ class RolloutWorker:
             raise RuntimeError("commit_weights without staged buckets")
         return self.engine.update_weights(staged)
 
+    # broadcast transport (see workers.weight_sync.BroadcastChannel)
+    def num_ranks(self) -> int:
+        return self.engine.num_ranks
+
+    def join_weight_group(self, host: str, port: int, base_rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> list[int]:
+        return self.engine.join_weight_group(host, port, base_rank, world_size, backend, timeout_s)
+
+    def receive_weights(self, layout) -> int:
+        return self.engine.receive_weights(layout)
+
+    def leave_weight_group(self) -> None:
+        self.engine.leave_weight_group()
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def placement(self) -> dict:
+        return placement_info()
+
     def reset_prefix_cache(self) -> bool:
         return self.engine.reset_prefix_cache()
 
@@ -100,7 +135,9 @@ class RolloutPool:
     """N ``RolloutWorker`` actors; ``generate`` splits a batch into contiguous chunks and gathers in order."""
 
     def __init__(self, num_workers: int, model_dir: str, engine_kwargs: dict | None = None,
-                 tensor_parallel_size: int = 1, num_cpus_per_worker: float = 1.0, env: dict | None = None):
+                 tensor_parallel_size: int = 1, num_cpus_per_worker: float = 1.0, env: dict | None = None,
+                 actor_options: list[dict] | None = None):
+        """``actor_options``: per-worker Ray options (e.g. a colocation bundle, see workers.placement)."""
         import ray
 
         if num_workers < 1:
@@ -111,9 +148,13 @@ class RolloutPool:
         env_vars.update({k: str(v) for k, v in (env or {}).items()})
         pp = env_vars.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
         env_vars["PYTHONPATH"] = _ROOT + (os.pathsep + pp if pp else "")
-        actor = ray.remote(RolloutWorker).options(num_cpus=num_cpus_per_worker,
-                                                  runtime_env={"env_vars": env_vars})
-        self.workers = [actor.remote(str(model_dir), kw, env) for _ in range(num_workers)]
+        if actor_options is not None and len(actor_options) != num_workers:
+            raise ValueError(f"{len(actor_options)} actor_options for {num_workers} workers")
+        actor = ray.remote(RolloutWorker)
+        opts = [{"num_cpus": num_cpus_per_worker, **(actor_options[i] if actor_options else {})}
+                for i in range(num_workers)]
+        self.workers = [actor.options(**o, runtime_env={"env_vars": env_vars}).remote(str(model_dir), kw, env)
+                        for o in opts]
         ray.get([w.health.remote() for w in self.workers])  # wait until every engine is up
 
     def generate(self, requests: Sequence[RolloutRequest]) -> list[Trajectory]:
@@ -131,6 +172,22 @@ class RolloutPool:
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         ref = ray.put([(name, t.detach().to("cpu").contiguous()) for name, t in items])
         return ray.get([w.update_weights.remote(ref) for w in self.workers])
+
+    def sleep(self) -> None:
+        """Free the engines' device memory (vLLM sleep mode level 1: weights offloaded, KV cache dropped)."""
+        import ray
+
+        ray.get([w.sleep.remote() for w in self.workers])
+
+    def wake_up(self) -> None:
+        import ray
+
+        ray.get([w.wake_up.remote() for w in self.workers])
+
+    def placement(self) -> list[dict]:
+        import ray
+
+        return ray.get([w.placement.remote() for w in self.workers])
 
     def reset_prefix_cache(self) -> list[bool]:
         import ray

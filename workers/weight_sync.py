@@ -12,7 +12,16 @@
    metric the driver reports). A mismatch (a lost or corrupted bucket, a wrong name mapping) fails
    loudly.
 
-A torch.distributed broadcast transport (NCCL on GPU) is the follow-up for large models.
+Two transports (``learner.sync_transport``):
+
+* ``object_store``: rank 0's gathered state is cut into buckets, each ``ray.put`` once and staged
+  by every worker, then committed (one reload per engine).
+* ``broadcast``: a ``BroadcastChannel`` (opened once, reopened after a failure) is a standalone
+  torch.distributed group of learner rank 0 plus every engine worker process (NCCL on GPU, gloo on
+  CPU; ``workers.weight_broadcast``). Buckets are gathered (ZeRO-3: one bucket's parameters at a
+  time), broadcast, and streamed into each engine's loader: no object-store copy, no full state
+  dict on the driver, at most one bucket resident per process. On GPU with NCCL the learner and an
+  engine must not share a device (NCCL does not allow two ranks of a group on one GPU).
 """
 
 from __future__ import annotations
@@ -74,10 +83,96 @@ def check_parity(learners, pool, probe: Sequence, tol: float, timeout_s: float) 
     return worst
 
 
+class BroadcastChannel:
+    """The broadcast sync group: learner rank 0 (rank 0, hosts the rendezvous) + every engine process."""
+
+    def __init__(self, learners, pool, *, bucket_mb: float = 256, timeout_s: float = 600.0, device: str = "cpu"):
+        from workers.weight_broadcast import plan_buckets
+
+        self.learners, self.pool, self.timeout_s = learners, pool, timeout_s
+        self.backend = "nccl" if device == "gpu" else "gloo"
+        rank0 = learners.actors[0]
+        self.layout = plan_buckets(ray.get(rank0.weight_specs.remote(), timeout=timeout_s), bucket_mb)
+        self.open = False
+
+    def _open(self) -> None:
+        rank0 = self.learners.actors[0]
+        host, port = ray.get(rank0.address.remote(), timeout=self.timeout_s)
+        ranks = [_get(w.num_ranks.remote(), self.timeout_s, "reporting its ranks", i)
+                 for i, w in enumerate(self.pool.workers)]
+        world = 1 + sum(ranks)
+        base = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        lead = rank0.join_weight_group.remote(host, port, world, self.timeout_s)
+        joins = [w.join_weight_group.remote(host, port, b, world, self.backend, self.timeout_s)
+                 for w, b in zip(self.pool.workers, base, strict=True)]
+        self._wait(lead, joins, "joining the weight broadcast group")
+        self.open = True
+
+    def _wait(self, lead, receivers: list, what: str) -> None:
+        """Wait for the learner side and every receiver, then name the receivers that died or hung.
+
+        A receiver that is alive fails by itself within the group's timeout when the learner side
+        fails (its broadcast times out too), so one still silent after that is the hung one.
+        """
+        deadline = time.monotonic() + self.timeout_s + min(30.0, 0.5 * self.timeout_s + 5.0)
+        problems, lead_error = [], None
+        try:
+            ray.get(lead, timeout=max(deadline - time.monotonic(), 0.1))
+        except Exception as e:  # noqa: BLE001 - reported together with the receivers below
+            lead_error = e
+        for i, ref in enumerate(receivers):
+            try:
+                ray.get(ref, timeout=max(deadline - time.monotonic(), 0.1))
+            except ray.exceptions.GetTimeoutError:
+                problems.append(f"rollout worker {i} did not finish {what} within {self.timeout_s:.0f}s (engine hung?)")
+            except ray.exceptions.RayActorError as e:
+                problems.append(f"rollout worker {i} died during {what}: {e}")
+            except Exception as e:  # noqa: BLE001
+                if lead_error is None:
+                    problems.append(f"rollout worker {i} failed {what}: {e}")
+        if problems or lead_error is not None:
+            self.close()
+            detail = "; ".join(problems) if problems else f"the learner failed {what}: {lead_error}"
+            raise WeightSyncError(f"weight sync (broadcast): {detail}") from lead_error
+
+    def send(self) -> int:
+        """One sync: every learner rank gathers, rank 0 broadcasts, every engine reloads in place."""
+        if not self.open:
+            self._open()
+        receivers = [w.receive_weights.remote(self.layout) for w in self.pool.workers]
+        senders = [a.broadcast_weights.remote(self.layout) for a in self.learners.actors]
+        self._wait(senders, receivers, "receiving the broadcast")
+        return len(self.layout)
+
+    def close(self) -> None:
+        """Drop the group (it is reopened, on a new port, by the next send)."""
+        self.open = False
+        for a in self.learners.actors[:1]:
+            a.leave_weight_group.remote()
+        for w in self.pool.workers:
+            w.leave_weight_group.remote()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.layout)
+
+
 def sync_weights(learners, pool, *, bucket_mb: float = 256, timeout_s: float = 600.0, probe: Sequence = (),
-                 tol: float = 1e-4, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Send the learners' weights (or ``state``) to every rollout worker; returns timing metrics."""
+                 tol: float = 1e-4, state: dict[str, torch.Tensor] | None = None,
+                 channel: BroadcastChannel | None = None) -> dict[str, float]:
+    """Send the learners' weights to every rollout worker: through ``channel`` (broadcast) when
+    given, else through the object store (``state`` overrides the learners' weights there);
+    returns timing metrics."""
     t0 = time.perf_counter()
+    if channel is not None:
+        if state is not None:
+            raise ValueError("state= is only for the object-store transport")
+        n = channel.send()
+        metrics = {"sync/total_s": time.perf_counter() - t0, "sync/buckets": float(n),
+                   "sync/mb": channel.nbytes / 2**20}
+        if probe:
+            metrics["sync/probe_max_abs_diff"] = check_parity(learners, pool, probe, tol, timeout_s)
+        return metrics
     state = learners.full_state_dict() if state is None else state
     t_gather = time.perf_counter() - t0
     buckets = make_buckets(state, bucket_mb)

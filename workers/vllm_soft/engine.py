@@ -7,14 +7,16 @@ Engine settings that matter for correctness (set by the constructor, overridable
 
 * ``enable_prompt_embeds=True``: the model reads the persistent ``inputs_embeds`` buffer, which the
   runner overwrites with the soft mixtures.
-* ``enable_prefix_caching=False`` by default. vLLM hashes KV blocks by token ids, while a soft
-  position's KV depends on its mixture: another request with the same ids (a GRPO group shares its
-  prompt and often its first tokens) could be served KV computed from a different mixture. With
-  ``prefix_caching="salted"`` it is on, and every soft_rl request gets its own ``cache_salt``: a
-  request can then only hit its own blocks (e.g. when it resumes after preemption, which is correct:
-  same request, same mixtures), and plain requests still share prompts
-  (not covered by tests yet). Sharing the prompt between
-  soft requests needs a scheduler change (cache only prompt blocks) and is not done.
+* Prefix caching (``prefix_caching``). vLLM hashes KV blocks by token ids, while a soft position's
+  KV depends on its mixture: another request with the same ids (a GRPO group shares its prompt and
+  often its first tokens) could be served KV computed from a different mixture.
+  ``"prompt"``: on, with ``workers.vllm_soft.scheduler.PromptCacheScheduler`` (``scheduler_cls``): a
+  soft_rl request caches and looks up only the blocks made entirely of prompt tokens, so the n
+  samples of a prompt (and later batches re-using it) share the prompt's KV, and no block holding a
+  generated position is ever cached or hit; plain requests keep stock caching (the default; it gives
+  the same trajectories as ``"off"``, see tests/test_prefix_cache.py). ``"off"``: no prefix caching.
+  Never pass ``enable_prefix_caching``/``scheduler_cls`` directly. (The former ``"salted"`` mode, a
+  per-request ``cache_salt``, is gone: it shared nothing between soft requests.)
 * ``async_scheduling=False``: the runner reads each request's step counter from the host-side
   output list, which async scheduling fills in late (CPU forces it off anyway).
 * Preemption by recompute is safe: the runner restores every generated position's mixture from its
@@ -37,6 +39,8 @@ from soft_rl.sampling import SoftSamplingParams
 from soft_rl.trajectory import Trajectory
 
 _ROOT = str(Path(__file__).resolve().parents[2])
+PREFIX_CACHING_MODES = ("off", "prompt")
+PREFIX_CACHING_DEFAULT = "prompt"  # exact (tests/test_prefix_cache.py): prompts shared, generated blocks never
 
 
 def _is_cpu_platform() -> bool:
@@ -74,36 +78,46 @@ class SoftEngine:
     """
 
     def __init__(self, model_dir: str, *, max_k: int = 8, max_new_tokens: int = 256, marker_width: int = 8,
-                 density: str = "official", prefix_caching: str = "off", **llm_kwargs):
+                 density: str = "official", prefix_caching: str = PREFIX_CACHING_DEFAULT, **llm_kwargs):
         from vllm import LLM
 
-        if prefix_caching not in ("off", "salted"):
-            raise ValueError("prefix_caching must be 'off' or 'salted'")
+        if prefix_caching not in PREFIX_CACHING_MODES:
+            raise ValueError(f"prefix_caching must be one of {PREFIX_CACHING_MODES}, got {prefix_caching!r}")
         # Worker processes (multiprocess engines, TP) must import workers.vllm_soft and soft_rl.
         pp = os.environ.get("PYTHONPATH", "")
         if _ROOT not in pp.split(os.pathsep):
             os.environ["PYTHONPATH"] = _ROOT + (os.pathsep + pp if pp else "")
         self.max_k = max_k
         self.max_new_tokens = max_new_tokens
-        self.salted = prefix_caching == "salted"
+        self.prefix_caching = prefix_caching
+        cache = prefix_caching == "prompt"
         worker = "SoftCPUWorker" if _is_cpu_platform() else "SoftGPUWorker"
         kw = dict(
             model=str(model_dir),
             worker_cls=f"workers.vllm_soft.runner.{worker}",
             enable_prompt_embeds=True,
-            enable_prefix_caching=self.salted,
+            enable_prefix_caching=cache,
             async_scheduling=False,
             additional_config={"soft_rl": {"max_k": max_k, "gen_len": max_new_tokens,
                                            "marker_width": marker_width, "density": density}},
         )
-        for k in ("worker_cls", "enable_prompt_embeds", "additional_config", "async_scheduling"):
+        if cache:
+            kw["scheduler_cls"] = "workers.vllm_soft.scheduler.PromptCacheScheduler"
+        for k in ("worker_cls", "enable_prompt_embeds", "additional_config", "async_scheduling",
+                  "enable_prefix_caching", "scheduler_cls"):
             if k in llm_kwargs:
-                raise ValueError(f"{k} is set by SoftEngine")
+                raise ValueError(f"{k} is set by SoftEngine (prefix caching: use prefix_caching=...)")
         kw.update(llm_kwargs)
+        self._closed = False
         self.llm = LLM(**kw)
+        if cache and not self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
+            # vLLM turns it off on some platforms (e.g. MLA on CPU, RISC-V): say so instead of running without
+            self.shutdown()
+            raise RuntimeError("vLLM disabled prefix caching for this model/platform; use prefix_caching='off'")
+        # prompt tokens and prefix-cache hits (RequestOutput.num_cached_tokens, first scheduling only)
+        self._cache_counts = {"prompt_tokens": 0, "prefix_cached_tokens": 0}
         self.tokenizer = self.llm.get_tokenizer()
         self._markers: dict[str, list[int]] = {}
-        self._closed = False
 
     # ------------------------------------------------------------------ requests
     def marker_ids(self, marker: str) -> list[int]:
@@ -138,11 +152,10 @@ class SoftEngine:
         return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False,
                               extra_args={"soft_rl": self.request_dict(params, key, debug_logits)})
 
-    def _prompt(self, ids: Sequence[int], salt: str | None):
-        p = {"prompt_token_ids": list(ids)}
-        if salt is not None:
-            p["cache_salt"] = salt
-        return p
+    def _count(self, outs) -> None:
+        for o in outs:
+            self._cache_counts["prompt_tokens"] += len(o.prompt_token_ids or ())
+            self._cache_counts["prefix_cached_tokens"] += int(o.num_cached_tokens or 0)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SoftSamplingParams],
                  max_new_tokens: int | Sequence[int], debug_logits: bool = False) -> list[Trajectory]:
@@ -159,8 +172,8 @@ class SoftEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(limits)} max_new_tokens")
         keys = [uuid.uuid4().hex for _ in prompts]
         sps = [self.sampling_params(p, n, k, debug_logits) for p, n, k in zip(params, limits, keys, strict=True)]
-        inputs = [self._prompt(ids, k if self.salted else None) for ids, k in zip(prompts, keys, strict=True)]
-        outs = self.llm.generate(inputs, sps, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompts], sps, use_tqdm=False)
+        self._count(outs)
         data = self.fetch(keys)
         width = max(p.k for p in params)
         trajs = []
@@ -182,7 +195,8 @@ class SoftEngine:
 
     def generate_plain(self, prompts: Sequence[Sequence[int]], sampling_params) -> list[list[int]]:
         """Stock vLLM generation (no soft_rl), token ids per prompt."""
-        outs = self.llm.generate([self._prompt(p, None) for p in prompts], sampling_params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params, use_tqdm=False)
+        self._count(outs)
         return [list(o.outputs[0].token_ids) for o in outs]
 
     def fetch(self, keys: list[str]) -> dict:
@@ -190,7 +204,8 @@ class SoftEngine:
         return pickle.loads(blobs[0])  # identical on every TP rank; rank 0's copy
 
     def stats(self) -> dict[str, int]:
-        return self.llm.collective_rpc("soft_stats")[0]
+        """The runner's counters plus ``prompt_tokens`` / ``prefix_cached_tokens`` of this engine's requests."""
+        return {**self.llm.collective_rpc("soft_stats")[0], **self._cache_counts}
 
     # ------------------------------------------------------------------ weights and cache
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -212,8 +227,39 @@ class SoftEngine:
         self.reset_prefix_cache()
         return n
 
+    @property
+    def num_ranks(self) -> int:
+        """Worker processes of this engine (tensor x pipeline parallel): its ranks in a weight-sync group."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def join_weight_group(self, host: str, port: int, base_rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> list[int]:
+        """Every worker process joins the learner's broadcast group (ranks base_rank ...); blocks until all joined."""
+        return self.llm.collective_rpc("soft_join_weight_group",
+                                       args=(host, port, base_rank, world_size, backend, timeout_s))
+
+    def receive_weights(self, layout) -> int:
+        """Receive one broadcast sync (``workers.weight_broadcast`` layout) and reload in place."""
+        n = self.llm.collective_rpc("soft_receive_weights", args=(layout,))[0]
+        self.reset_prefix_cache()
+        return n
+
+    def leave_weight_group(self) -> None:
+        self.llm.collective_rpc("soft_leave_weight_group")
+
+    def sleep(self) -> None:
+        """vLLM sleep mode, level 1 (weights to host memory, KV cache dropped); needs enable_sleep_mode=True."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
     def reset_prefix_cache(self) -> bool:
-        return bool(self.llm.reset_prefix_cache())
+        ok = bool(self.llm.reset_prefix_cache())
+        if not ok and self.prefix_caching != "off":
+            # after a weight update, a surviving cache would serve KV computed with the old weights
+            raise RuntimeError("vLLM could not reset the prefix cache (requests still running?)")
+        return ok
 
     def shutdown(self) -> None:
         """Stop the engine (and its worker processes / shared memory) explicitly."""

@@ -46,7 +46,7 @@ from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from soft_rl.densities import DENSITY_MODES, NOISE_KINDS
 from soft_rl.rng import NoiseCounters
-from soft_rl.sampling import SoftSamplingParams, mix_embeddings, soft_sample
+from soft_rl.sampling import SoftSamplingParams, mix_rows, soft_sample
 from workers.vllm_soft.state import SoftStateStore
 
 EXTRA_KEY = "soft_rl"  # SamplingParams.extra_args[EXTRA_KEY] = request dict (see engine.request_dict)
@@ -175,8 +175,7 @@ class SoftThinkingMixin:
         ids, w = self._soft_store.inputs(idx[0], idx[1])
         N, K = ids.shape
         rows_emb = self.model.embed_input_ids(ids.reshape(-1))  # [N*K, H], vocab-parallel aware
-        local = torch.arange(N * K, device=ids.device).view(N, K)
-        mixed = mix_embeddings(rows_emb, local, w)
+        mixed = mix_rows(rows_emb.view(N, K, -1), w)
         inputs_embeds.index_copy_(0, idx[2], mixed.to(inputs_embeds.dtype))
         self._soft_stats["mixed_inputs"] += int(N)
         return out
@@ -279,6 +278,40 @@ class _SoftWorkerMethods:
         from safetensors.torch import load_file
 
         return self.soft_update_weights(load_file(path).items())
+
+    # broadcast transport (workers.weight_broadcast): each worker process of the engine is one rank
+    def soft_join_weight_group(self, host: str, port: int, base_rank: int, world_size: int, backend: str,
+                               timeout_s: float) -> int:
+        from workers.weight_broadcast import open_group
+
+        rank = base_rank + self.rank
+        self._soft_weight_group = open_group(backend, host, port, rank, world_size, timeout_s,
+                                             device=getattr(self, "device", "cpu"))
+        return rank
+
+    def soft_receive_weights(self, layout) -> int:
+        """Receive the learner's broadcast and reload in place, bucket by bucket (streamed into the loader)."""
+        from workers.weight_broadcast import receive
+
+        group = getattr(self, "_soft_weight_group", None)
+        if group is None:
+            raise RuntimeError("soft_receive_weights before soft_join_weight_group")
+        count = 0
+
+        def stream():
+            nonlocal count
+            for item in receive(group, layout):
+                count += 1
+                yield item
+
+        items = stream()
+        self.reload_weights(weights_iterator=items, is_checkpoint_format=True)
+        for _ in items:  # a loader that stopped early must not leave buckets unreceived (the group would desync)
+            pass
+        return count
+
+    def soft_leave_weight_group(self) -> None:
+        self._soft_weight_group = None
 
 
 def _install(runner, cls) -> None:

@@ -32,8 +32,6 @@ from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSampl
 # every other column is a fixed per-request parameter.
 _STEP_FIELDS = ("is_soft", "thinking", "width")
 _PARAM_FIELDS = [f.name for f in fields(SamplingBatch) if f.name not in _STEP_FIELDS]
-_BATCH_FIELDS = {f.name for f in fields(SamplingBatch)}
-_PHASE_FIELDS = ("marker", "marker_len", "budget", "thinking", "n_think", "n_generated", "tail", "force_pos")
 
 
 class SoftStateStore:
@@ -148,20 +146,15 @@ class SoftStateStore:
         for dtype, names in self._packing_cache.items():
             cols = t["p_" + str(dtype)].index_select(0, slots)
             kw.update({n: cols[:, j] for j, n in enumerate(names)})
-        phase = {"is_soft": tracker.is_soft_phase(t["soft_enabled"].index_select(0, slots))}
-        if "thinking" in _BATCH_FIELDS:
-            phase["thinking"] = tracker.thinking
+        phase = tracker.phase_columns(t["soft_enabled"].index_select(0, slots))
         return SamplingBatch(width=self.width, **phase, **kw)
 
     def tracker(self, slots: torch.Tensor) -> PhaseTracker:
         """A PhaseTracker whose rows are these slots' phase state (copies; write back with put_tracker)."""
-        tr = PhaseTracker.__new__(PhaseTracker)
-        for name in _PHASE_FIELDS:
-            setattr(tr, name, self.t[name].index_select(0, slots))
-        return tr
+        return PhaseTracker.from_state({name: self.t[name].index_select(0, slots) for name in PhaseTracker.STATE})
 
     def put_tracker(self, slots: torch.Tensor, tr: PhaseTracker) -> None:
-        for name in ("thinking", "n_think", "n_generated", "tail", "force_pos"):
+        for name in PhaseTracker.MUTABLE:
             self.t[name].index_copy_(0, slots, getattr(tr, name))
 
     def record(self, slots: torch.Tensor, steps: torch.Tensor, out: SampleOutput, forced: torch.Tensor) -> None:
