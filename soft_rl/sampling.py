@@ -270,7 +270,7 @@ def soft_sample(
     top_p = torch.where(think, params.top_p, params.answer_top_p)
     min_p = torch.where(think, params.min_p, params.answer_min_p)
 
-    zt = logits.float() / T[:, None]
+    zt = logits.to(torch.float32, copy=True).div_(T[:, None])  # one [B, V] buffer, not two (same values)
     log_norm = torch.logsumexp(zt, dim=-1)  # log sum_v exp(z_v / T)
 
     # Candidate width: K slots for soft rows; the whole kept prefix for discrete rows.

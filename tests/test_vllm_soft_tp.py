@@ -1,0 +1,94 @@
+"""Tensor parallelism: a TP=2 soft-thinking engine (two vLLM worker processes, gloo on CPU).
+
+* its soft trajectories equal the HF reference (the soft state and the noise are per process, so the
+  two ranks must sample identically);
+* both worker processes join a broadcast weight-sync group (ranks 1 and 2; this test process is
+  rank 0, standing in for learner rank 0), receive new weights bucket by bucket, and then generate
+  exactly what HF generates with those weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+
+import pytest
+import torch
+
+from tests.test_vllm_soft import ENGINE_KW, STEPS, assert_same, mixed_params, prompts_for, reference_with_floor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tp_setup(tmp_path_factory):
+    from soft_rl.tiny import build_model, build_tokenizer
+    from workers.vllm_soft import SoftEngine
+
+    root = tmp_path_factory.mktemp("vllm_tp")
+    tok = build_tokenizer(root / "tokenizer")
+    # 2 KV heads so that each of the two ranks holds one
+    model = build_model(root / "qwen2", tok, arch="qwen2", seed=13, hidden=128, heads=2, kv_heads=2, layers=2).eval()
+    eng = SoftEngine(str(root / "qwen2"), tensor_parallel_size=2, **ENGINE_KW)
+    yield {"tokenizer": tok, "qwen2": (root / "qwen2", model)}, eng
+    eng.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tp2_matches_hf_reference(tp_setup):
+    models, eng = tp_setup
+    assert eng.num_ranks == 2
+    params = mixed_params(seed0=40)
+    prompts = prompts_for(models["tokenizer"], len(params))
+    got = eng.generate(prompts, params, max_new_tokens=STEPS)
+    want, floor = reference_with_floor(models, "qwen2", prompts, params)
+    worst = assert_same(got, want, floor=floor)
+    assert worst["strict_ok"] >= len(params) - 2, worst
+
+
+def test_tp2_broadcast_weight_sync(tp_setup):
+    from workers.weight_broadcast import open_group, pack, plan_buckets, send
+
+    models, eng = tp_setup
+    new = copy.deepcopy(models["qwen2"][1])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    state = dict(new.named_parameters())
+    layout = plan_buckets([(n, tuple(p.shape), "float32") for n, p in state.items()], bucket_mb=0.05)
+    assert len(layout) > 3
+    port, errors = _free_port(), []
+
+    def learner_rank0():
+        try:
+            group = open_group("gloo", "127.0.0.1", port, 0, 3, timeout_s=60)
+            ready.wait(60)
+            for b in layout:
+                send(group, pack(b, [state[n].detach() for n in b.names], "cpu"))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    ready = threading.Event()
+    sender = threading.Thread(target=learner_rank0)
+    sender.start()
+    assert sorted(eng.join_weight_group("127.0.0.1", port, 1, 3, "gloo", 60)) == [1, 2]  # one rank per process
+    ready.set()
+    received = eng.receive_weights(layout)
+    sender.join(60)
+    assert not errors, errors
+    assert received == len(state)
+    updated = {"tokenizer": models["tokenizer"], "qwen2": (models["qwen2"][0], new.eval())}
+    params = mixed_params(seed0=60)[:6]
+    prompts = prompts_for(models["tokenizer"], len(params))
+    got = eng.generate(prompts, params, max_new_tokens=STEPS)
+    want, floor = reference_with_floor(updated, "qwen2", prompts, params)
+    assert_same(got, want, floor=floor)
+    old, _ = reference_with_floor(models, "qwen2", prompts, params)
+    assert any(a.tokens.tolist() != b.tokens.tolist() for a, b in zip(got, old, strict=True))  # weights changed
