@@ -79,7 +79,8 @@ class SoftThinkingMixin:
             raise ValueError("soft thinking needs enable_prompt_embeds=True (the model must read inputs_embeds)")
         self._soft_store: SoftStateStore | None = None  # built lazily: vocab size known after load_model
         self._soft_slot: dict[str, int] = {}  # vLLM request id -> slot
-        self._soft_meta: dict[int, dict[str, Any]] = {}  # slot -> {key, req_id, n, debug}
+        self._soft_meta: dict[int, dict[str, Any]] = {}  # slot -> {key, req_id}
+        self._soft_debug_slots: set[int] = set()  # slots whose raw logits are kept (tests)
         self._soft_by_key: dict[str, str] = {}  # front-end key -> vLLM request id
         self._soft_done: dict[str, dict[str, np.ndarray]] = {}  # finished, not yet fetched
         self._soft_debug: dict[str, list[torch.Tensor]] = {}  # key -> per-step raw logits (tests)
@@ -103,7 +104,9 @@ class SoftThinkingMixin:
         slot = store.allocate(params, list(d["marker_ids"]), int(sampling_params.max_tokens or store.gen_len))
         key = str(d.get("key", req_id))
         self._soft_slot[req_id] = slot
-        self._soft_meta[slot] = {"key": key, "req_id": req_id, "n": 0, "debug": bool(d.get("debug_logits", False))}
+        self._soft_meta[slot] = {"key": key, "req_id": req_id}
+        if d.get("debug_logits", False):
+            self._soft_debug_slots.add(slot)
         self._soft_by_key[key] = req_id
         self._soft_stats["soft_rl_requests"] += 1
 
@@ -114,7 +117,8 @@ class SoftThinkingMixin:
             return None
         meta = self._soft_meta.pop(slot)
         self._soft_by_key.pop(meta["key"], None)
-        data = self._soft_store.extract(slot, meta["n"])
+        self._soft_debug_slots.discard(slot)
+        data = self._soft_store.extract(slot, int(self._soft_store.n_steps[slot]))
         if meta["key"] in self._soft_debug:
             dbg = self._soft_debug.pop(meta["key"])
             data["logits"] = torch.stack(dbg).numpy() if dbg else np.zeros((0, 0), np.float32)
@@ -191,8 +195,9 @@ class SoftThinkingMixin:
         if spec_decode_metadata is not None:
             raise RuntimeError("soft thinking does not support speculative decoding")
         store = self._soft_store
-        req_ids = self.input_batch.req_ids
-        steps = np.asarray([len(self.requests[req_ids[i]].output_token_ids) for i in rows], np.int64)
+        # the step index of each row = steps recorded so far (== len(output_token_ids), also after a
+        # preemption; SoftEngine.generate checks the final counts against vLLM's outputs)
+        steps = store.n_steps[slots]
         idx = torch.from_numpy(np.stack([rows, slots, steps])).to(self.device, non_blocking=True)
         rows_t, slots_t, steps_t = idx[0], idx[1], idx[2]
         if rows.size == logits.shape[0] and rows[-1] == rows.size - 1:
@@ -205,18 +210,19 @@ class SoftThinkingMixin:
 
         tracker = store.tracker(slots_t)
         batch = store.batch(slots_t, tracker)
-        force = tracker.forced_tokens()
+        # without a thinking budget in the batch nothing can be forced: skip the forcing ops
+        force = tracker.forced_tokens() if store.has_budget[slots].any() else None
         o = soft_sample(z, batch, NoiseCounters(batch.seed, steps_t), force_token=force,
                         density=self._soft_density, candidates=candidates, kinds=kinds)
         o, _, forced = tracker.advance(o)
         store.put_tracker(slots_t, tracker)
         store.record(slots_t, steps_t, o, forced)
 
-        for j, s in enumerate(slots.tolist()):
-            meta = self._soft_meta[s]
-            meta["n"] = int(steps[j]) + 1
-            if meta["debug"]:
-                self._soft_debug.setdefault(meta["key"], []).append(z[j].float().cpu().clone())
+        store.n_steps[slots] = steps + 1
+        if self._soft_debug_slots:
+            for j, s in enumerate(slots.tolist()):
+                if s in self._soft_debug_slots:
+                    self._soft_debug.setdefault(self._soft_meta[s]["key"], []).append(z[j].float().cpu().clone())
         self._soft_stats["sampled_rows"] += int(rows.size)
 
         if z is logits and self.input_batch.sampling_metadata.max_num_logprobs is None:

@@ -51,6 +51,8 @@ class SoftStateStore:
         self.free: list[int] = []
         self.need_c = np.zeros(0, dtype=np.int64)  # candidate width the slot's discrete steps need
         self.noise_code = np.zeros(0, dtype=np.int64)
+        self.n_steps = np.zeros(0, dtype=np.int64)  # generated steps recorded so far (the next step's index)
+        self.has_budget = np.zeros(0, dtype=bool)  # a thinking budget may force tokens
         self._resize(slots, gen_len)
 
     # ----------------------------------------------------------------- allocation
@@ -92,6 +94,8 @@ class SoftStateStore:
         self.free.extend(range(slots - 1, self.slots - 1, -1))  # pop() hands out low slots first
         self.need_c = np.concatenate([self.need_c, np.zeros(slots - self.slots, dtype=np.int64)])
         self.noise_code = np.concatenate([self.noise_code, np.zeros(slots - self.slots, dtype=np.int64)])
+        self.n_steps = np.concatenate([self.n_steps, np.zeros(slots - self.slots, dtype=np.int64)])
+        self.has_budget = np.concatenate([self.has_budget, np.zeros(slots - self.slots, dtype=bool)])
         self.slots, self.gen_len = slots, gen_len
 
     def ensure_gen_len(self, n: int) -> None:
@@ -132,6 +136,8 @@ class SoftStateStore:
             need = self.vocab_size if top_k <= 0 else max(need, top_k)
         self.need_c[s] = min(need, self.vocab_size)
         self.noise_code[s] = NOISE_CODES[params.noise]
+        self.n_steps[s] = 0
+        self.has_budget[s] = params.thinking_budget is not None
         return s
 
     def release(self, slot: int) -> None:
@@ -157,19 +163,26 @@ class SoftStateStore:
         for name in PhaseTracker.MUTABLE:
             self.t[name].index_copy_(0, slots, getattr(tr, name))
 
+    def _flat(self, name: str) -> torch.Tensor:
+        """History buffer ``name`` as [slots * gen_len, ...] (a view): one index_copy_/index_select per
+        field instead of a two-index advanced indexing op."""
+        buf = self.h[name]
+        return buf.view(self.slots * self.gen_len, *buf.shape[2:])
+
     def record(self, slots: torch.Tensor, steps: torch.Tensor, out: SampleOutput, forced: torch.Tensor) -> None:
         values = {f.name: getattr(out, f.name) for f in fields(out)}
         values["forced"] = forced
+        flat = slots * self.gen_len + steps
         for name, v in values.items():
-            buf = self.h.get(name)
-            if buf is None:
-                buf = torch.zeros((self.slots, self.gen_len) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device)
-                self.h[name] = buf
-            buf[slots, steps] = v
+            if name not in self.h:
+                self.h[name] = torch.zeros((self.slots, self.gen_len) + tuple(v.shape[1:]), dtype=v.dtype,
+                                           device=self.device)
+            self._flat(name).index_copy_(0, flat, v)
 
     def inputs(self, slots: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N, K], weights [N, K]) of the input that follows generated step ``steps`` of ``slots``."""
-        return self.h["ids"][slots, steps], self.h["weights"][slots, steps]
+        flat = slots * self.gen_len + steps
+        return self._flat("ids").index_select(0, flat), self._flat("weights").index_select(0, flat)
 
     def extract(self, slot: int, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` generated positions of a slot (every history field, keyed by SampleOutput
