@@ -26,7 +26,7 @@ def make_batch(model, tok, soft: bool, n_prompts=4, n=4):
 
 
 def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_coef: float = 0.0,
-                                 entropy_coef: float = 0.0):
+                                 entropy_coef: float = 0.0, **learner_kw):
     """k optimizer steps on 2 DeepSpeed ranks vs the pure-torch single-process update, same batch."""
     from transformers import AutoModelForCausalLM
 
@@ -40,7 +40,7 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     # ~0 (there m / sqrt(v) is ~ +-1 whatever the noise); 1e-4 keeps the comparison well conditioned.
     cfg = LearnerConfig(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=kl_coef,
                         entropy_coef=entropy_coef, micro_batch_tokens=64, weight_decay=0.01, adam_eps=1e-4,
-                        sync_timeout_s=120)
+                        sync_timeout_s=120, **learner_kw)
     # independent entropy reference at the initial weights: full HF logits, token mean per mini-batch
     with torch.no_grad():
         _, ents = teacher_forced_logprobs(model, trajs, with_entropy=True)
@@ -94,3 +94,40 @@ def test_kl_reference_and_entropy_bonus_match_single_process(ray_cluster, tiny_d
     """ZeRO-3 with the frozen reference model (k3 KL) and an entropy bonus, SofT-GRPO."""
     kls = _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, kl_coef=0.05, entropy_coef=0.01)
     assert kls[0] == 0.0 and min(kls[1:]) > 0  # KL to the reference is 0 before the first step, then grows
+
+
+@pytest.mark.parametrize("zero_stage,offload", [(2, dict(offload_optimizer=True)),
+                                                (3, dict(offload_optimizer=True, offload_params=True))],
+                         ids=["zero2-offload-optimizer", "zero3-offload-all"])
+def test_offload_matches_single_process(ray_cluster, tiny_dir, tiny_tokenizer, zero_stage, offload):
+    _compare_with_single_process(tiny_dir, tiny_tokenizer, zero_stage, True, **offload)
+
+
+def test_bf16_learner_tracks_fp32(ray_cluster, tiny_dir, tiny_tokenizer):
+    """bf16 compute (DeepSpeed bf16, fp32 master weights): log-probs within bf16 precision of fp32, and
+    an update moves the weights the same way as the fp32 learner (cosine of the two updates)."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.learner import LearnerGroup
+
+    path = str(tiny_dir / "qwen2")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    trajs, rewards, group = make_batch(model, tiny_tokenizer, True)
+    cfg = LearnerConfig(world_size=2, zero_stage=2, lr=1e-3, mini_batches=1, kl_coef=0.0, micro_batch_tokens=256,
+                        sync_timeout_s=120)
+    adv = compute_advantages("grpo", rewards, group)
+    deltas, lps = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        learners = LearnerGroup(path, cfg, dtype=dtype)
+        try:
+            lps[dtype] = learners.logprobs(trajs)
+            m = learners.train_mini_batch(trajs, adv, lps[dtype])
+            assert m["skipped_steps"] == 0 and m["grad_norm"] > 0
+            state = learners.full_state_dict()
+        finally:
+            learners.shutdown()
+        deltas[dtype] = torch.cat([(state[n] - p.detach()).flatten() for n, p in model.named_parameters()])
+    worst = max((a - b).abs().max().item() for a, b in zip(lps["float32"], lps["bfloat16"], strict=True))
+    assert 0 < worst < 0.25, worst  # bf16 rounding, not garbage (log-probs are O(1-10))
+    cos = torch.nn.functional.cosine_similarity(deltas["float32"], deltas["bfloat16"], dim=0).item()
+    assert cos > 0.9, cos
