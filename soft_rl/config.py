@@ -94,6 +94,8 @@ class LearnerConfig:
     sync_transport: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store (Ray)
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 600.0
+    sync_probe: bool = True  # after every sync, engines and learners rescore fixed requests; a mismatch fails
+    sync_probe_tol: float | None = None  # max |engine - learner| log-prob; None: 1e-3 float32, 5e-2 bfloat16
 
 
 @dataclass
@@ -191,6 +193,7 @@ def validate(cfg: Config) -> None:
            "must be broadcast or object_store")
     _check(lr.sync_bucket_mb > 0 and lr.sync_timeout_s > 0, "learner.sync_bucket_mb",
            "bucket size and sync timeout must be > 0")
+    _check(lr.sync_probe_tol is None or lr.sync_probe_tol > 0, "learner.sync_probe_tol", "must be > 0 or null")
     _check(not (r.soft and r.noise == "none"), "rollout.noise",
            "noise=none has no density: SofT-GRPO needs gumbel, dirichlet or gaussian (or set rollout.soft=false)")
     batch = d.prompts_per_step * r.n

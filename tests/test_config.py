@@ -48,6 +48,7 @@ def test_paper_recipe_values():
     (["trainer.device=tpu"], "trainer.device"),
     (["learner.sync_transport=nccl"], "learner.sync_transport"),
     (["rollout.prefix_caching=salted"], "rollout.prefix_caching"),
+    (["learner.sync_probe_tol=0"], "learner.sync_probe_tol"),
     (["learner.sync_bucket_mb=0"], "learner.sync_bucket_mb"),
     (["trainer.colocate=true", "rollout.num_engines=1"], "trainer.colocate"),  # 2 learner ranks, 1 engine
     (["trainer.colocate=true", "trainer.device=gpu"], "learner.sync_transport"),  # NCCL: one rank per GPU

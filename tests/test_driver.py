@@ -29,6 +29,7 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
         assert rec["learner/skipped_steps"] == 0 and rec["learner/grad_norm"] >= 0  # all-zero rewards: 0
         assert rec["rollout/tokens"] > 0 and rec["time/step"] > 0
         assert rec["learner/entropy"] > 0 and rec["sync/mb"] > 0  # entropy metric; broadcast sync (default)
+        assert rec["sync/probe_max_abs_diff"] <= 1e-3  # every engine holds the learners' weights after the sync
     # colocation: learner rank i and engine i were placed in one placement group (bundle i each)
     where = json.loads((out / "placement.json").read_text())
     groups = {a["placement_group"] for a in where["engines"] + where["learners"]}
