@@ -94,8 +94,8 @@ class LearnerConfig:
     sync_transport: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store (Ray)
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 600.0
-    sync_probe: bool = True  # after every sync, engines and learners rescore fixed requests; a mismatch fails
-    sync_probe_tol: float | None = None  # max |engine - learner| log-prob; None: 1e-3 float32, 5e-2 bfloat16
+    sync_probe: bool = True  # fail when a rollout's log-probs disagree with the learners' (a bad weight sync)
+    sync_probe_tol: float | None = None  # mean |engine - learner| log-prob; None: 1e-3 float32, 5e-2 bfloat16
 
 
 @dataclass

@@ -29,13 +29,20 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
         assert rec["learner/skipped_steps"] == 0 and rec["learner/grad_norm"] >= 0  # all-zero rewards: 0
         assert rec["rollout/tokens"] > 0 and rec["time/step"] > 0
         assert rec["learner/entropy"] > 0 and rec["sync/mb"] > 0  # entropy metric; broadcast sync (default)
-        assert rec["sync/probe_max_abs_diff"] <= 1e-3  # every engine holds the learners' weights after the sync
+        assert rec["rollout_vs_learner/mean_abs_logprob_diff"] <= 1e-5
     # colocation: learner rank i and engine i were placed in one placement group (bundle i each)
     where = json.loads((out / "placement.json").read_text())
     groups = {a["placement_group"] for a in where["engines"] + where["learners"]}
     assert len(where["engines"]) == len(where["learners"]) == 2 and len(groups) == 1 and None not in groups
     assert load_config(out / "config.yaml").trainer.steps == 2  # the resolved config is saved with the run
     assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
+    # the parity check fails loudly (a tolerance no rollout can meet stands in for a broken sync)
+    from workers.weight_sync import WeightSyncError
+
+    with pytest.raises(WeightSyncError, match="step 1: the rollout engines' log-probs differ"):
+        bad = ["learner.sync_probe_tol=1e-30", "trainer.steps=1", "rollout.num_engines=1", "learner.world_size=1",
+               "trainer.colocate=false", f"trainer.out_dir={out}-bad"]
+        train(load_config("configs/tiny_cpu.yaml", overrides + bad), log=lambda s: None)
     # bad config fails before any actor starts, naming the key
     with pytest.raises(Exception, match="rollout.temprature"):
         main(["train", "--config", "configs/tiny_cpu.yaml", "rollout.temprature=0.5"])
