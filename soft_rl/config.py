@@ -206,14 +206,21 @@ def validate(cfg: Config) -> None:
                f"pairs each learner rank with one engine: needs rollout.num_engines ({r.num_engines}) == "
                f"learner.world_size ({lr.world_size})")
         _check(r.tensor_parallel_size == 1, "trainer.colocate", "needs rollout.tensor_parallel_size=1")
-        _check(not (t.device == "gpu" and lr.sync_transport == "broadcast"), "learner.sync_transport",
-               "colocated GPU engines need object_store (NCCL cannot hold two ranks on one GPU)")
+    if t.device != "auto":
+        validate_device(cfg, t.device)
     _check(d.on_error in ("raise", "skip"), "data.on_error", "must be raise or skip")
     _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
     _check(t.steps >= 0 and t.eval_every >= 0 and t.save_every >= 0, "trainer.steps", "counts must be >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
     _check(cfg.reward.timeout_s > 0 and cfg.reward.num_actors >= 1, "reward.timeout_s",
            "timeout must be > 0 and num_actors >= 1")
+
+
+def validate_device(cfg: Config, device: str) -> None:
+    """Checks that depend on the device: from validate() for cpu/gpu, and again by the driver once
+    trainer.device=auto is resolved against the cluster."""
+    _check(not (cfg.trainer.colocate and device == "gpu" and cfg.learner.sync_transport == "broadcast"),
+           "learner.sync_transport", "colocated GPU engines need object_store (NCCL cannot hold two ranks on one GPU)")
 
 
 def to_yaml(cfg: Config) -> str:

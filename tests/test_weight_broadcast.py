@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from workers.weight_broadcast import Bucket, open_group, pack, plan_buckets, receive, send, unpack
+from workers.weight_broadcast import Bucket, open_group, pack, plan_buckets, receive, send, tensor_spec, unpack
 
 
 def _free_port() -> int:
@@ -43,7 +43,7 @@ def test_gloo_broadcast_three_ranks():
     g = torch.Generator().manual_seed(1)
     state = {f"layer{i}.w": torch.randn(64, 32, generator=g) for i in range(5)}
     state["half"] = torch.randn(7, generator=g).to(torch.bfloat16)
-    layout = plan_buckets([(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in state.items()], 0.01)
+    layout = plan_buckets([tensor_spec(n, t) for n, t in state.items()], 0.01)
     assert len(layout) >= 5
     port, got, errors = _free_port(), {1: {}, 2: {}}, []
 

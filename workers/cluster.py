@@ -40,7 +40,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.prometheus import RAY_CONFIG, PrometheusHandle, dashboard_hint, ray_session_dir, start_prometheus
+from workers.prometheus import (RAY_CONFIG, PrometheusHandle, dashboard_hint, http_url, ray_session_dir,
+                                start_prometheus)
 
 DEFAULT_PROMETHEUS_PORT = 9090  # where the Ray dashboard looks unless RAY_PROMETHEUS_HOST says otherwise
 
@@ -91,7 +92,7 @@ def init_ray(dashboard: bool = False, *, dashboard_port: int | None = None,
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ctx = ray.init()  # joins RAY_ADDRESS without local options
-        session = RaySession("joined", dashboard_url=_http(ctx.dashboard_url))
+        session = RaySession("joined", dashboard_url=http_url(ctx.dashboard_url))
         if dashboard:
             _start_joined_monitoring(session, address, prometheus_port, scrape_interval, log)
         return session
@@ -108,7 +109,7 @@ def init_ray(dashboard: bool = False, *, dashboard_port: int | None = None,
     finally:
         if saved is None:
             os.environ.pop("RAY_PROMETHEUS_HOST", None)
-    session = RaySession("local", dashboard_url=_http(ctx.dashboard_url), owns_ray=True)
+    session = RaySession("local", dashboard_url=http_url(ctx.dashboard_url), owns_ray=True)
     try:
         if saved is not None and saved.rstrip("/") != prom_host:
             log(f"[train] note: RAY_PROMETHEUS_HOST={saved}: the dashboard reads its charts from there, "
@@ -164,9 +165,3 @@ def _head_ip() -> str | None:
         if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {}):
             return n.get("NodeManagerAddress")
     return None
-
-
-def _http(url: str | None) -> str | None:
-    if not url:
-        return None
-    return url if url.startswith("http") else f"http://{url}"

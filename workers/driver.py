@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from soft_rl.config import Config, load_config, to_yaml
+from soft_rl.config import Config, load_config, to_yaml, validate_device
 from soft_rl.data import load_problems, render_prompt
 from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.losses import compute_advantages
@@ -97,9 +97,7 @@ def _train(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bo
 
     r, lc = cfg.rollout, cfg.learner
     device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.colocate and device == "gpu" and lc.sync_transport == "broadcast":
-        raise ValueError("config key 'learner.sync_transport': colocated GPU engines need object_store "
-                         "(NCCL cannot hold two ranks on one GPU)")
+    validate_device(cfg, device)
     engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=device != "gpu", max_model_len=cfg.model.max_model_len,
                      max_k=r.k, max_new_tokens=r.max_new_tokens, prefix_caching=r.prefix_caching)
     engine_env = {}

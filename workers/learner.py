@@ -125,6 +125,7 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.model_path, self.cfg, self.dtype, self.seed = model_path, LearnerConfig(**cfg), dtype, seed
         self.device = device
+        self.backend = "nccl" if device == "gpu" else "gloo"  # the DP group's and the weight broadcast's
         self.engine = None
         self.ref = None
 
@@ -142,8 +143,7 @@ class LearnerWorker:
 
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(self.world_size))
-        backend = "nccl" if self.device == "gpu" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, rank=self.rank, world_size=self.world_size,
+        deepspeed.init_distributed(dist_backend=self.backend, rank=self.rank, world_size=self.world_size,
                                    verbose=False, timeout=timedelta(seconds=self.cfg.sync_timeout_s))
         torch.manual_seed(self.seed)
         torch_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
@@ -293,10 +293,12 @@ class LearnerWorker:
 
     def weight_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(HF name, full shape, dtype) of every parameter, in the order ``broadcast_weights`` sends them."""
+        from workers.weight_broadcast import tensor_spec
+
         out = []
         for name, p in self.engine.module.hf.named_parameters():
-            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            out.append((name, shape, str(p.dtype).removeprefix("torch.")))
+            _, shape, dtype = tensor_spec(name, p)
+            out.append((name, tuple(p.ds_shape) if hasattr(p, "ds_shape") else shape, dtype))  # ZeRO-3: full shape
         return out
 
     def _sync_device(self) -> torch.device:
@@ -307,8 +309,7 @@ class LearnerWorker:
 
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 joins the weight broadcast group")
-        backend = "nccl" if self.device == "gpu" else "gloo"
-        self._weight_group = open_group(backend, host, port, 0, world_size, timeout_s, self._sync_device())
+        self._weight_group = open_group(self.backend, host, port, 0, world_size, timeout_s, self._sync_device())
         return 0
 
     def broadcast_weights(self, layout) -> int:
@@ -335,7 +336,7 @@ class LearnerWorker:
         self._weight_group = None
 
     def placement(self) -> dict:
-        from workers.rollout import placement_info
+        from workers.placement import placement_info
 
         return placement_info()
 

@@ -11,6 +11,7 @@ On CPU the bundles pin the pairs to the same node and reserve their CPU share to
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -21,6 +22,15 @@ def resolve_device(device: str) -> str:
     import ray
 
     return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def placement_info() -> dict:
+    """The calling actor's node, placement group and GPUs, as Ray assigned them."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "placement_group": ctx.get_placement_group_id(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
 
 @dataclass

@@ -215,13 +215,19 @@ def start_prometheus(session_dir: str | Path | None = None, port: int = 9090, *,
     return handle
 
 
+def http_url(url: str | None) -> str | None:
+    """Ray's dashboard address ("host:port", sometimes with a scheme) as an http URL; None when empty."""
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
 def _dashboard_url() -> str | None:
     try:
         import ray
 
         if ray.is_initialized():
-            u = ray._private.worker._global_node.webui_url  # "" when the dashboard is off
-            return (u if u.startswith("http") else f"http://{u}") if u else None
+            return http_url(ray._private.worker._global_node.webui_url)  # "" when the dashboard is off
     except Exception:  # pragma: no cover - best effort
         pass
     return None
@@ -268,7 +274,3 @@ def _how_to_open(url: str, default_port: int) -> str:
         return f"open it in a browser on this host; from another machine: ssh -L {port}:{host}:{port} <this host>, " \
             + tunnel
     return f"open it from a machine that reaches {host}, or: ssh -L {port}:{host}:{port} <a host that does>, " + tunnel
-
-
-def print_dashboard_hint(**kw) -> None:
-    print(dashboard_hint(**kw), flush=True)

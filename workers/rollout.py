@@ -44,15 +44,6 @@ DEFAULT_ENV = {
 _FORWARDED = ("VLLM_", "OMP_", "TORCHINDUCTOR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "LD_PRELOAD")
 
 
-def placement_info() -> dict:
-    """This actor's node, placement group and GPUs, as Ray assigned them."""
-    import ray
-
-    ctx = ray.get_runtime_context()
-    return {"node": ctx.get_node_id(), "placement_group": ctx.get_placement_group_id(),
-            "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
-
-
 @dataclass
 class RolloutRequest:
     prompt_ids: list[int]
@@ -118,6 +109,8 @@ class RolloutWorker:
         self.engine.wake_up()
 
     def placement(self) -> dict:
+        from workers.placement import placement_info
+
         return placement_info()
 
     def reset_prefix_cache(self) -> bool:

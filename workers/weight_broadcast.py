@@ -39,7 +39,7 @@ class Bucket:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return self.numel * _itemsize(self.dtype)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -49,19 +49,30 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
+
+
+def tensor_spec(name: str, t: torch.Tensor) -> tuple[str, tuple[int, ...], str]:
+    """The (name, shape, dtype name) spec of a tensor, as ``plan_buckets`` takes it."""
+    return name, tuple(t.shape), str(t.dtype).removeprefix("torch.")
+
+
 def plan_buckets(specs: Sequence[tuple[str, Sequence[int], str]], bucket_mb: float) -> list[Bucket]:
     """Consecutive (name, shape, dtype) specs grouped into single-dtype buckets of at most bucket_mb
     (a larger tensor gets a bucket of its own)."""
     limit = bucket_mb * 2**20
     out: list[Bucket] = []
     cur: Bucket | None = None
+    size = 0
     for name, shape, dtype in specs:
-        nbytes = _numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        if cur is None or cur.dtype != dtype or (cur.names and cur.nbytes + nbytes > limit):
-            cur = Bucket(dtype)
+        nbytes = _numel(shape) * _itemsize(dtype)
+        if cur is None or cur.dtype != dtype or (cur.names and size + nbytes > limit):
+            cur, size = Bucket(dtype), 0
             out.append(cur)
         cur.names.append(name)
         cur.shapes.append(tuple(int(d) for d in shape))
+        size += nbytes
     return out
 
 

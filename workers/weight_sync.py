@@ -38,31 +38,28 @@ class WeightSyncError(RuntimeError):
 
 
 def make_buckets(state: dict[str, torch.Tensor], bucket_mb: float) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive (name, tensor) groups of at most bucket_mb each (a larger tensor gets its own)."""
-    limit = bucket_mb * 2**20
-    buckets: list[list[tuple[str, torch.Tensor]]] = []
-    cur: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if cur and size + nbytes > limit:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append((name, t.detach().cpu().contiguous()))
-        size += nbytes
-    if cur:
-        buckets.append(cur)
-    return buckets
+    """Consecutive (name, tensor) groups of at most bucket_mb each (a larger tensor gets its own), cut by
+    the same plan as the broadcast transport (``workers.weight_broadcast.plan_buckets``)."""
+    from workers.weight_broadcast import plan_buckets, tensor_spec
+
+    plan = plan_buckets([tensor_spec(name, t) for name, t in state.items()], bucket_mb)
+    return [[(name, state[name].detach().cpu().contiguous()) for name in b.names] for b in plan]
+
+
+def _failure(error: Exception, what: str, worker: int, timeout_s: float) -> str | None:
+    """What went wrong with rollout worker ``worker`` (a Ray timeout or a dead actor), else None."""
+    if isinstance(error, ray.exceptions.GetTimeoutError):
+        return f"rollout worker {worker} did not finish {what} within {timeout_s:.0f}s (engine hung?)"
+    if isinstance(error, ray.exceptions.RayActorError):
+        return f"rollout worker {worker} died during {what}: {error}"
+    return None
 
 
 def _get(refs, timeout_s: float, what: str, worker: int):
     try:
         return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError as e:
-        raise WeightSyncError(f"weight sync: rollout worker {worker} did not finish {what} within {timeout_s:.0f}s "
-                              "(engine hung?)") from e
-    except ray.exceptions.RayActorError as e:
-        raise WeightSyncError(f"weight sync: rollout worker {worker} died during {what}: {e}") from e
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+        raise WeightSyncError(f"weight sync: {_failure(e, what, worker, timeout_s)}") from e
 
 
 def check_parity(learners, pool, probe: Sequence, tol: float, timeout_s: float) -> float:
@@ -123,13 +120,12 @@ class BroadcastChannel:
         for i, ref in enumerate(receivers):
             try:
                 ray.get(ref, timeout=max(deadline - time.monotonic(), 0.1))
-            except ray.exceptions.GetTimeoutError:
-                problems.append(f"rollout worker {i} did not finish {what} within {self.timeout_s:.0f}s (engine hung?)")
-            except ray.exceptions.RayActorError as e:
-                problems.append(f"rollout worker {i} died during {what}: {e}")
-            except Exception as e:  # noqa: BLE001
-                if lead_error is None:
-                    problems.append(f"rollout worker {i} failed {what}: {e}")
+            except Exception as e:  # noqa: BLE001 - classified below
+                problem = _failure(e, what, i, self.timeout_s)
+                if problem is None and lead_error is None:
+                    problem = f"rollout worker {i} failed {what}: {e}"
+                if problem is not None:
+                    problems.append(problem)
         if problems or lead_error is not None:
             self.close()
             detail = "; ".join(problems) if problems else f"the learner failed {what}: {lead_error}"

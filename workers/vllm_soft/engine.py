@@ -17,8 +17,8 @@ Engine settings that matter for correctness (set by the constructor, overridable
   the same trajectories as ``"off"``, see tests/test_prefix_cache.py). ``"off"``: no prefix caching.
   Never pass ``enable_prefix_caching``/``scheduler_cls`` directly. (The former ``"salted"`` mode, a
   per-request ``cache_salt``, is gone: it shared nothing between soft requests.)
-* ``async_scheduling=False``: the runner reads each request's step counter from the host-side
-  output list, which async scheduling fills in late (CPU forces it off anyway).
+* ``async_scheduling=False``: a soft row's next input is the mixture sampled at this step, so the
+  next step's inputs cannot be prepared before this step's sampling has run (CPU forces it off anyway).
 * Preemption by recompute is safe: the runner restores every generated position's mixture from its
   per-position device history when the request is re-prefilled (tested with a tiny KV cache).
 """
