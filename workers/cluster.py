@@ -40,8 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.prometheus import (RAY_CONFIG, PrometheusHandle, dashboard_hint, http_url, ray_session_dir,
-                                start_prometheus)
+from workers.prometheus import RAY_CONFIG, PrometheusHandle, dashboard_hint, http_url, ray_session_dir, start_prometheus
 
 DEFAULT_PROMETHEUS_PORT = 9090  # where the Ray dashboard looks unless RAY_PROMETHEUS_HOST says otherwise
 
