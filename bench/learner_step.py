@@ -108,11 +108,8 @@ def train_step(policy: PolicyWithSoftHead, trajs, advantages: torch.Tensor) -> d
         mb = build_micro_batch(policy.hf.get_input_embeddings().weight.detach(), trajs, DENSITY)
     disc_logits, soft_logits = policy(mb.inputs_embeds, mb.attention_mask, mb.position_ids, mb.disc_rows,
                                       mb.soft_rows, mb.soft_ids)
-    s = trajs[0].sampling
     flat = head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens, noisy=mb.noisy,
-                         temperature=mb.temperature, slots=mb.slots, density=DENSITY,
-                         noise=s.noise if s.noise != "none" else "gumbel", noise_scale=s.noise_scale,
-                         clamp=s.noise_clamp, dirichlet_alpha=s.dirichlet_alpha)
+                         temperature=mb.temperature, slots=mb.slots, density=DENSITY, noise=mb.noise)
     logp = pad_rows(flat, mb.lengths)
     old = logp.detach()  # first PPO epoch: old log-probs equal the current ones (ratio 1)
     mask = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), mb.lengths)

@@ -92,36 +92,40 @@ def _add_eval(sub) -> None:
     e.add_argument("--data", nargs="+", required=True, help="problem files (.json, .jsonl, .parquet, datasets dir)")
     e.add_argument("--mode", choices=["soft", "discrete"], default="soft")
     e.add_argument("--preset", choices=["paper"], default=None,
-                   help="paper: n 32, T 1.0, top-k = K = 5, top-p 0.95, tau 0.1, gumbel, 32768 tokens "
-                        "(explicit flags override it)")
+                   help="paper: n 32, T 1.0, top-k = K = 5, top-p 0.95, tau 0.1, gumbel, 32768 tokens, "
+                        "--dtype bfloat16, --reward math_whole (explicit flags override it)")
     for flag, typ in (("--n", int), ("--temperature", float), ("--top-k", int), ("--top-p", float),
                       ("--min-p", float), ("--k", int), ("--tau", float), ("--noise", str),
                       ("--max-new-tokens", int), ("--seed", int)):
         e.add_argument(flag, type=typ, default=None)
     e.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     e.add_argument("--out", default="runs/eval", help="one JSON per dataset is written here")
-    e.add_argument("--reward", default="math", help="math | numeric | format | toy | module:function")
+    e.add_argument("--reward", default=None,
+                   help="math | math_strict | math_whole | numeric | format | toy | module:function "
+                        "(default: math; with --preset paper: math_whole, math-verify over the whole response)")
     e.add_argument("--reward-actors", type=int, default=2, help="0: score in a local child process, no Ray")
     e.add_argument("--reward-timeout", type=float, default=10.0)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--num-engines", type=int, default=1)
-    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="model weights (default: float32; with --preset paper: bfloat16)")
     e.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
     e.add_argument("--on-error", choices=["raise", "skip"], default="raise")
 
 
 def _eval_run(args):
-    from soft_rl.evaluation import EvalSettings
+    from soft_rl.evaluation import EvalSettings, resolve_eval_defaults
     from workers.eval import EvalRun
 
     names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     settings = EvalSettings.paper(mode=args.mode, **given) if args.preset == "paper" \
         else EvalSettings(mode=args.mode, **given)
+    resolved = resolve_eval_defaults(args.preset, dtype=args.dtype, reward=args.reward)
     return EvalRun(model=args.model, data=args.data, settings=settings, backend=args.backend, out=args.out,
-                   reward=args.reward, reward_actors=args.reward_actors, reward_timeout_s=args.reward_timeout,
-                   batch_size=args.batch_size, num_engines=args.num_engines, dtype=args.dtype, limit=args.limit,
-                   on_error=args.on_error)
+                   reward=resolved["reward"], reward_actors=args.reward_actors, reward_timeout_s=args.reward_timeout,
+                   batch_size=args.batch_size, num_engines=args.num_engines, dtype=resolved["dtype"],
+                   limit=args.limit, on_error=args.on_error)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 ``load_config("configs/X.yaml", ["rollout.tau=0.25", ...])`` returns a validated ``Config``. Unknown
 keys and wrong types fail in OmegaConf's struct mode (the error names the key); ``validate`` then
 checks cross-field consistency before any actor starts. The defaults are the paper's 1.5B recipe
-(softgrpo-reference.md §3) except where a field says otherwise.
+(docs/design/softgrpo-reference.md §3) except where a field says otherwise.
 """
 
 from __future__ import annotations
@@ -56,6 +56,22 @@ class RolloutConfig:
     kv_cache_gb: int = 1  # CPU engines (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.6
     prefix_caching: str = "prompt"  # prompt (share prompt KV blocks, never generated ones) | off
+    # Evaluation during training: each one set replaces that setting in both phases (None: as in training).
+    # The paper presets use the official validation settings (T 0.6, top-p 0.95, top-k 5).
+    eval_temperature: float | None = None
+    eval_top_p: float | None = None
+    eval_top_k: int | None = None
+
+    def eval_sampling_params(self, seed: int) -> SoftSamplingParams:
+        """The held-out evaluation's sampling: the training sampler with the eval_* overrides."""
+        p = self.sampling_params(seed)
+        for name, value in (("temperature", self.eval_temperature), ("top_p", self.eval_top_p),
+                            ("top_k", self.eval_top_k)):
+            if value is not None:
+                setattr(p, name, value)
+                setattr(p, "answer_" + name, value)
+        p.validate()
+        return p
 
     def sampling_params(self, seed: int) -> SoftSamplingParams:
         return SoftSamplingParams(
@@ -82,6 +98,7 @@ class LearnerConfig:
     ppo_epochs: int = 1
     mini_batches: int = 2  # optimizer steps per RL step
     micro_batch_tokens: int = 16384  # token budget per micro-batch (bounds peak memory)
+    micro_batch_seqs: int | None = None  # also at most this many sequences per micro-batch (verl's micro-batch size)
     density: str = "official"  # official | exact
     advantage: str = "grpo"
     clip_low: float = 0.2
@@ -100,7 +117,7 @@ class LearnerConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "math"  # math | numeric | format | toy | module:function
+    name: str = "math"  # math | math_strict (official) | math_whole | numeric | format | toy | module:function
     num_actors: int = 2
     timeout_s: float = 10.0
 
@@ -173,8 +190,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.dtype in ("bfloat16", "float32"), "model.dtype", "must be bfloat16 or float32")
     try:
         r.sampling_params(seed=0)
+        r.eval_sampling_params(seed=0)
     except ValueError as e:
         raise ConfigError(f"config key 'rollout': {e}") from e
+    _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     _check(r.n >= 2, "rollout.n", "GRPO needs at least 2 samples per prompt")
     _check(r.num_engines >= 1 and r.tensor_parallel_size >= 1, "rollout.num_engines",
            "engines and tensor_parallel_size must be >= 1")
@@ -186,6 +205,7 @@ def validate(cfg: Config) -> None:
     _check(lr.density in ("official", "exact"), "learner.density", "must be official or exact")
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
     _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
+    _check(lr.micro_batch_seqs is None or lr.micro_batch_seqs >= 1, "learner.micro_batch_seqs", "must be >= 1 or null")
     _check(lr.kl_kind in ("k1", "k2", "k3", "low_var_kl"), "learner.kl_kind", "must be k1, k2 or k3")
     _check(lr.dual_clip is None or lr.dual_clip > 1, "learner.dual_clip", "must be > 1 or null")
     _check(len(lr.betas) == 2, "learner.betas", "must be [beta1, beta2]")

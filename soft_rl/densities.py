@@ -14,6 +14,7 @@ the same inputs, which is what makes the PPO ratio exactly 1 before an update.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -94,8 +95,11 @@ def soft_logprob(
     dirichlet: x_k ~ Gamma(alpha * p-hat_k, 1); slots with x_k = 0 (zero-probability slots the
         rollout left empty) carry no information and are excluded.
         official: mean_{k: p-hat_k > 0.05} clamp(log Gamma(x_k; p-hat_k... ), -5, 3); exact: sum.
-    gaussian: x_k ~ N(p-hat_k, (0.05 lambda)^2).
-        official: mean_{k: p-hat_k > 0.05} log N(clamp(x_k, p-hat_k +- 0.15); p-hat_k, 0.05); exact: sum.
+    gaussian: x_k ~ N(p-hat_k, s^2), s = 0.05 lambda (the scale the noise was drawn with).
+        official: mean_{k: p-hat_k > 0.05} log N(clamp(x_k, p-hat_k +- 3 s); p-hat_k, s); exact: sum.
+        (The official learner fixes s = 0.05 whatever lambda: the same at lambda = 1.)
+
+    In both modes ``valid`` should be ``density_slots(...)``: the slots the rollout's truncation kept.
     """
     if mode not in DENSITY_MODES:
         raise ValueError(f"density mode must be one of {DENSITY_MODES}, got {mode!r}")
@@ -147,19 +151,29 @@ def _soft_logprob64(logits_at_ids, noisy, mode, noise_scale, noise, valid, clamp
             return _masked_mean(lp, present & (p_hat > OFFICIAL_PROB_MASK))
         return torch.where(present, lp, torch.zeros_like(lp)).sum(-1)
 
-    # gaussian
+    # gaussian: x_k ~ N(p-hat_k, (0.05 lambda)^2), the scale the rollout drew with (the official learner
+    # uses 0.05 and a +-0.15 clamp whatever lambda was: equal at lambda = 1, which its scripts use).
+    std = GAUSSIAN_STD * noise_scale
     if mode == "official":
-        x = torch.minimum(torch.maximum(noisy, p_hat - GAUSSIAN_VALUE_CLAMP), p_hat + GAUSSIAN_VALUE_CLAMP)
-        return _masked_mean(normal_logpdf(x, p_hat, GAUSSIAN_STD), valid & (p_hat > OFFICIAL_PROB_MASK))
-    lp = normal_logpdf(noisy, p_hat, GAUSSIAN_STD * noise_scale)
+        bound = GAUSSIAN_VALUE_CLAMP * noise_scale  # three standard deviations
+        x = torch.minimum(torch.maximum(noisy, p_hat - bound), p_hat + bound)
+        return _masked_mean(normal_logpdf(x, p_hat, std), valid & (p_hat > OFFICIAL_PROB_MASK))
+    lp = normal_logpdf(noisy, p_hat, std)
     return (lp * valid).sum(-1)
 
 
 def density_slots(valid: torch.Tensor, kept: torch.Tensor, mode: str) -> torch.Tensor:
-    """Slots that enter the density. "official" scores all K slots as the reference learner does;
-    "exact" scores only the slots the rollout's truncation kept (q_k > 0): with p-hat renormalised
-    over them, p-hat equals the rollout's q and the density is that of the noise actually drawn."""
-    return valid & kept if mode == "exact" else valid
+    """Slots that enter the density, in both modes: the request's valid slots that the rollout's
+    truncation kept (q_k > 0). Over them p-hat equals the rollout's q.
+
+    Where top-p/min-p empties slots, soft-rl fills them with the next most likely tokens (reproducible
+    ids), whose policy mass is real; the official rollout leaves arbitrary near-zero-mass ids there,
+    which drop out of its normaliser and of its mask (log(p-hat + 1e-6) > -3) by themselves. Scoring
+    only the kept slots is what makes "official" equal the official learner's value and gradient on
+    truncated rows (tests/test_densities.py: a literal transcription with such filler ids)."""
+    if mode not in DENSITY_MODES:
+        raise ValueError(f"density mode must be one of {DENSITY_MODES}, got {mode!r}")
+    return valid & kept
 
 
 def soft_weights(
@@ -185,3 +199,67 @@ def soft_weights(
         x = noisy.masked_fill(~valid, 0.0)
         return x / x.sum(-1, keepdim=True)
     raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+
+
+@dataclass
+class RowNoise:
+    """Per-row noise settings [N] of N soft positions, each row its own request's.
+
+    A learner micro-batch may hold requests drawn with different noise kinds, lambdas, clamps or
+    Dirichlet alphas; every row is scored with the settings its noise was drawn with.
+    """
+
+    kind: torch.Tensor  # int64 [N]: index into NOISE_KINDS
+    scale: torch.Tensor  # [N] lambda
+    clamp_lo: torch.Tensor  # [N] (-inf: unclamped)
+    clamp_hi: torch.Tensor  # [N] (+inf: unclamped)
+    alpha: torch.Tensor  # [N] Dirichlet concentration scale
+    kinds: tuple[str, ...]  # the kinds present, known on the host (scoring needs no device sync for it)
+
+    @classmethod
+    def from_settings(cls, settings: list[tuple[str, float, tuple[float, float] | None, float]],
+                      counts: list[int], soft_counts: list[int]) -> RowNoise:
+        """Rows for ``counts[i]`` positions of each (noise, lambda, clamp, alpha) in ``settings``, of which
+        ``soft_counts[i]`` are soft (only the kinds of those are scored)."""
+        rep = torch.tensor(counts, dtype=torch.long)
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype).repeat_interleave(rep)
+
+        clamps = [c if c is not None else (float("-inf"), float("inf")) for _, _, c, _ in settings]
+        return cls(kind=col([NOISE_KINDS.index(n) for n, *_ in settings], torch.long),
+                   scale=col([s for _, s, _, _ in settings]), clamp_lo=col([c[0] for c in clamps]),
+                   clamp_hi=col([c[1] for c in clamps]), alpha=col([a for *_, a in settings]),
+                   kinds=tuple(sorted({n for (n, *_), c in zip(settings, soft_counts, strict=True) if c})))
+
+    def take(self, idx: torch.Tensor) -> RowNoise:
+        return RowNoise(self.kind[idx], self.scale[idx], self.clamp_lo[idx], self.clamp_hi[idx], self.alpha[idx],
+                        self.kinds)
+
+    def to(self, device) -> RowNoise:
+        return RowNoise(*(t.to(device) for t in (self.kind, self.scale, self.clamp_lo, self.clamp_hi, self.alpha)),
+                        self.kinds)
+
+
+def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: str, rows: RowNoise,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """``soft_logprob`` of N rows [N, K], each with its own noise kind and settings (``rows``)."""
+    if "none" in rows.kinds:
+        raise ValueError("a soft step drawn with noise='none' has no density: it cannot be scored "
+                         "(train with gumbel, dirichlet or gaussian noise)")
+
+    def score(name, idx=None):
+        pick = (lambda t: t) if idx is None else (lambda t: t[idx])
+        return soft_logprob(pick(logits_at_ids), pick(noisy), mode, pick(rows.scale), noise=name, valid=pick(valid),
+                            clamp=(pick(rows.clamp_lo), pick(rows.clamp_hi)), dirichlet_alpha=pick(rows.alpha))
+
+    if len(rows.kinds) == 1:
+        return score(rows.kinds[0])
+    # Score each kind on its own rows only: another kind's formula can be NaN on them (log of a negative
+    # Gaussian value), and a NaN branch would poison the gradient even behind torch.where.
+    out_dtype = torch.float64 if logits_at_ids.dtype == torch.float64 else torch.float32
+    out = torch.zeros(logits_at_ids.shape[0], dtype=out_dtype, device=logits_at_ids.device)
+    for name in rows.kinds:
+        idx = (rows.kind == NOISE_KINDS.index(name)).nonzero().flatten()
+        out = out.index_put((idx,), score(name, idx))
+    return out

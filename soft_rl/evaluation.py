@@ -30,6 +30,22 @@ from soft_rl.sampling import SoftSamplingParams
 PAPER_PRESET = dict(n=32, temperature=1.0, top_k=5, top_p=0.95, min_p=0.0, k=5, tau=0.1, noise="gumbel",
                     max_new_tokens=32768)
 
+# Model dtype and reward of ``soft-rl eval`` when the flags are not given. The paper preset follows the
+# official standalone evaluation: bfloat16 weights, math-verify over the whole completion (``math_whole``);
+# otherwise float32 and the last box (``math``, the training reward's judge).
+EVAL_DEFAULTS = dict(dtype="float32", reward="math")
+PAPER_EVAL_DEFAULTS = dict(dtype="bfloat16", reward="math_whole")
+
+
+def resolve_eval_defaults(preset: str | None, *, dtype: str | None = None, reward: str | None = None) -> dict:
+    """``{"dtype": ..., "reward": ...}``: the explicit values where given (not None), else the defaults of
+    ``preset`` (``"paper"``: ``PAPER_EVAL_DEFAULTS``; None: ``EVAL_DEFAULTS``)."""
+    if preset not in (None, "paper"):
+        raise ValueError(f"unknown preset {preset!r}; known: 'paper'")
+    defaults = PAPER_EVAL_DEFAULTS if preset == "paper" else EVAL_DEFAULTS
+    given = {"dtype": dtype, "reward": reward}
+    return {key: given[key] if given[key] is not None else value for key, value in defaults.items()}
+
 
 @dataclass
 class EvalSettings:

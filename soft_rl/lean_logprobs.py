@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from soft_rl.densities import soft_logprob
+from soft_rl.densities import RowNoise, soft_logprob, soft_logprob_rows
 from soft_rl.losses import entropy_from_logits
 
 
@@ -89,7 +89,7 @@ def head_logprobs(
     temperature: torch.Tensor,
     slots: torch.Tensor,
     density: str,
-    noise: str,
+    noise: str | RowNoise,
     noise_scale: float = 1.0,
     clamp: tuple[float, float] | None = (-1.5, 3.0),
     dirichlet_alpha: float = 1.0,
@@ -98,7 +98,9 @@ def head_logprobs(
 ):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
     ``disc_logits`` [Nd, V] at the discrete positions and ``soft_logits`` [Ns, K] (logits at the stored
-    ids) at the soft ones, both in position order. With ``with_entropy``: (log-probs, entropies [N]),
+    ids) at the soft ones, both in position order. ``noise``: one kind for every row (with the scalar
+    settings after it), or a ``RowNoise`` over all N positions (each row its own request's settings).
+    With ``with_entropy``: (log-probs, entropies [N]),
     full-vocabulary at discrete positions, over the K density slots at soft ones (differentiable only
     with ``entropy_grad``: a metric-only entropy builds no graph)."""
     N = is_soft.shape[0]
@@ -115,9 +117,12 @@ def head_logprobs(
                 ent = ent.index_put((disc,), entropy_from_logits(z))
     if soft.numel():
         z = soft_logits.float() / temperature[soft, None]
-        lp = soft_logprob(z, noisy[soft], density, noise_scale, noise=noise, valid=slots[soft], clamp=clamp,
-                          dirichlet_alpha=dirichlet_alpha)
-        out = out.index_put((soft,), lp)
+        if isinstance(noise, RowNoise):
+            lp = soft_logprob_rows(z, noisy[soft], density, noise.take(soft), slots[soft])
+        else:
+            lp = soft_logprob(z, noisy[soft], density, noise_scale, noise=noise, valid=slots[soft], clamp=clamp,
+                              dirichlet_alpha=dirichlet_alpha)
+        out = out.index_put((soft,), lp.float())
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
                 ent = ent.index_put((soft,), entropy_from_logits(z, slots[soft]))

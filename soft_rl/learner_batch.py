@@ -14,13 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from soft_rl.densities import density_slots
+from soft_rl.densities import RowNoise, density_slots
 from soft_rl.reference import build_inputs_embeds
 from soft_rl.trajectory import Trajectory
 
 
-def split_by_token_budget(trajs: Sequence[Trajectory], budget: int) -> list[list[int]]:
-    """Consecutive groups of trajectory indices whose padded size (n * longest) fits the budget.
+def split_by_token_budget(trajs: Sequence[Trajectory], budget: int, max_seqs: int | None = None) -> list[list[int]]:
+    """Consecutive groups of trajectory indices whose padded size (n * longest) fits the budget and,
+    with ``max_seqs``, that hold at most that many trajectories.
 
     A single trajectory longer than the budget gets a micro-batch of its own.
     """
@@ -29,7 +30,8 @@ def split_by_token_budget(trajs: Sequence[Trajectory], budget: int) -> list[list
     longest = 0
     for i, t in enumerate(trajs):
         L = t.prompt_ids.shape[0] + t.num_tokens - 1
-        if cur and (len(cur) + 1) * max(longest, L) > budget:
+        full = max_seqs is not None and len(cur) >= max_seqs
+        if cur and (full or (len(cur) + 1) * max(longest, L) > budget):
             groups.append(cur)
             cur, longest = [], 0
         cur.append(i)
@@ -53,6 +55,7 @@ class MicroBatch:
     noisy: torch.Tensor  # [N, K]
     temperature: torch.Tensor  # [N]
     slots: torch.Tensor  # [N, K] slots entering the soft density
+    noise: RowNoise  # [N] each position's request noise settings (requests may differ within a micro-batch)
     lengths: list[int]  # R per trajectory, to split the N positions back
 
 
@@ -77,13 +80,16 @@ def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory
         slots.append(density_slots(t.slot_valid(), t.kept, density))
         ids.append(t.topk_ids)
         lengths.append(R)
+    noise = RowNoise.from_settings([(t.sampling.noise, t.sampling.noise_scale, t.sampling.noise_clamp,
+                                     t.sampling.dirichlet_alpha) for t in trajs],
+                                   [t.num_tokens for t in trajs], [t.num_soft for t in trajs])
     flat_t, soft_t = torch.cat(flat), torch.cat(is_soft)
     ids_t = torch.cat(ids)
     return MicroBatch(
         inputs_embeds=x, attention_mask=attn, position_ids=pos,
         disc_rows=flat_t[~soft_t].to(dev), soft_rows=flat_t[soft_t].to(dev), soft_ids=ids_t[soft_t].to(dev),
         order_is_soft=soft_t.to(dev), tokens=torch.cat(tokens).to(dev), noisy=torch.cat(noisy).to(dev),
-        temperature=torch.cat(temps).to(dev), slots=torch.cat(slots).to(dev), lengths=lengths)
+        temperature=torch.cat(temps).to(dev), slots=torch.cat(slots).to(dev), noise=noise.to(dev), lengths=lengths)
 
 
 def pad_rows(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:

@@ -104,6 +104,22 @@ def _token_mean(x, mask, norm_length=None):
     return (x * m).sum(), m.sum()
 
 
+@register_aggregation("micro-batch-token-mean")
+def _micro_batch_token_mean(x, mask, norm_length=None):
+    """The official code's ``token-mean`` (verl 0.4): the token mean of each *micro-batch*, and the
+    micro-batches averaged (each micro-loss divided by the gradient-accumulation count, gradients
+    averaged over data-parallel ranks). Called on one micro-batch, it returns (its token mean, 1): the
+    caller's denominator is the number of micro-batches in the mini-batch. Tokens in a short
+    micro-batch weigh more than in a long one, so the update depends on how the mini-batch is cut
+    (``learner.micro_batch_seqs``)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0), x.new_tensor(1.0)
+
+
+# aggregations whose unit is a micro-batch (the mini-batch's denominator is the micro-batch count)
+PER_MICRO_BATCH_AGGREGATIONS = frozenset({"micro-batch-token-mean"})
+
+
 @register_aggregation("seq-mean-token-mean")
 def _seq_mean_token_mean(x, mask, norm_length=None):
     """mean over sequences of each sequence's token mean (every sequence weighs the same)."""

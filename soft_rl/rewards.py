@@ -9,8 +9,17 @@ time limit: ``workers/reward.py`` does that in a killable child process. For the
 math-verify calls below pass ``parsing_timeout=None`` / ``timeout_seconds=None``: its own timeout uses
 ``signal.alarm``, which only works in the main thread of the main interpreter.
 
-Registered names: ``math``, ``numeric``, ``format``, ``toy``. Any other name of the form
-``"package.module:function"`` is imported as a user reward with the same signature.
+Registered names:
+
+- ``math``: math-verify equivalence of the last box with the gold (the default, lenient);
+- ``math_strict``: the official SofT-GRPO training reward: the last box and the gold, both normalised
+  with the Hendrycks-MATH ``strip_string``, compared for exact string equality;
+- ``math_whole``: math-verify over the whole response, not only its last box (the official standalone
+  evaluation's scoring; ``soft-rl eval --preset paper``);
+- ``numeric``, ``format``, ``toy``.
+
+Any other name of the form ``"package.module:function"`` is imported as a user reward with the same
+signature.
 """
 
 from __future__ import annotations
@@ -195,6 +204,161 @@ def math_reward(response: str, gold: str) -> float:
         return 0.0
     # verify(gold, pred) is asymmetric on purpose: the gold decides e.g. whether ``x = 5`` means 5.
     return 1.0 if verify(list(_parse_gold(gold)), pred, timeout_seconds=None) else 0.0
+
+
+@register("math_whole")
+def math_whole_reward(response: str, gold: str) -> float:
+    """1.0 iff math-verify's answer extracted from the *whole* response is equivalent to ``gold``.
+
+    The scoring of the official standalone evaluation: the full completion (thinking included) goes to
+    math-verify's parser (same extraction config as ``math``: a box is preferred, else the last LaTeX or
+    plain expression it finds), then ``verify`` against the parsed gold. No parse -> 0.0.
+    """
+    pred = _mv_parse(response)
+    if not pred:
+        return 0.0
+    return 1.0 if verify(list(_parse_gold(gold)), pred, timeout_seconds=None) else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# math_strict: Hendrycks-MATH string normalisation, exact equality (the official training reward)
+# --------------------------------------------------------------------------------------------------
+
+
+class StripStringError(ValueError):
+    """``strip_string`` met an input on which the official normalisation fails (it raises there)."""
+
+
+def _remove_right_units(s: str) -> str:
+    """``5 \\text{ cm}`` -> ``5 ``: cut at ``\\text{ `` (with the space). Two of them: the official fails."""
+    marker = "\\text{ "
+    count = s.count(marker)
+    if count == 0:
+        return s
+    if count > 1:
+        raise StripStringError(f"{count} occurrences of {marker!r}")
+    return s[: s.index(marker)]
+
+
+def _fix_sqrt(s: str) -> str:
+    """``\\sqrt3`` -> ``\\sqrt{3}``: a one-character radicand gets braces. ``\\sqrt`` at the end: fails."""
+    pieces = s.split("\\sqrt")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        if not piece:
+            raise StripStringError("\\sqrt without an argument")
+        if piece[0] == "{":
+            out.append("\\sqrt" + piece)
+        else:
+            out.append("\\sqrt{" + piece[0] + "}" + piece[1:])
+    return "".join(out)
+
+
+def _fix_fracs(s: str) -> str:
+    """``\\frac12`` -> ``\\frac{1}{2}``, ``\\frac1{2}`` -> ``\\frac{1}{2}``.
+
+    Each ``\\frac`` not followed by ``{`` takes its next character as the numerator and, unless that
+    is followed by ``{``, the character after as the denominator. A ``\\frac`` with fewer than two
+    characters after it leaves the whole string unchanged; one with none fails (as the official does).
+    """
+    pieces = s.split("\\frac")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        out.append("\\frac")
+        if not piece:
+            raise StripStringError("\\frac without an argument")
+        if piece[0] == "{":
+            out.append(piece)
+        elif len(piece) < 2:
+            return s
+        elif piece[1] != "{":
+            out.append("{" + piece[0] + "}{" + piece[1] + "}" + piece[2:])
+        else:
+            out.append("{" + piece[0] + "}" + piece[1:])
+    return "".join(out)
+
+
+def _fix_a_slash_b(s: str) -> str:
+    """``2/3`` -> ``\\frac{2}{3}`` when the whole string is exactly ``int/int`` in canonical form."""
+    parts = s.split("/")
+    if len(parts) != 2:
+        return s
+    try:
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        return s
+    # int() also takes "+3", "03", " 3", "1_0": only the canonical spelling is rewritten.
+    if s != f"{a}/{b}":
+        return s
+    return "\\frac{" + str(a) + "}{" + str(b) + "}"
+
+
+def strip_string(s: str) -> str:
+    """The Hendrycks-MATH answer normalisation, step by step in its original order.
+
+    Pure, linear-time (plain substring replacements and splits). Raises ``StripStringError`` (a
+    ValueError) on the inputs where the official implementation raises: two ``\\text{ `` units, and
+    ``\\sqrt`` / ``\\frac`` at the very end of the string.
+    """
+    # Linebreaks.
+    s = s.replace("\n", "")
+    # Negative thin spaces ``\!``.
+    s = s.replace("\\!", "")
+    # ``\\`` (a LaTeX line break) -> ``\``.
+    s = s.replace("\\\\", "\\")
+    # ``\tfrac`` / ``\dfrac`` -> ``\frac`` (plain substring replacement, as in the original).
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac")
+    # Sizing delimiters: ``\left(`` -> ``(``, ``\right)`` -> ``)``.
+    s = s.replace("\\left", "").replace("\\right", "")
+    # Degrees: ``^{\circ}`` and ``^\circ``.
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
+    # Dollar signs ``\$`` (a bare ``$`` stays).
+    s = s.replace("\\$", "")
+    # Units: everything from ``\text{ `` (with its space) on.
+    s = _remove_right_units(s)
+    # Percent ``\%`` (a bare ``%`` stays).
+    s = s.replace("\\%", "")
+    # Decimals without a leading zero: `` .5`` -> `` 0.5``, ``{.5`` -> ``{0.5``, and a leading ``.5`` -> ``0.5``.
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    # A short left-hand side: ``x = 5`` / ``k=5`` -> ``5`` when there is exactly one ``=`` and at most two
+    # characters (spaces included) before it.
+    lhs, eq, rhs = s.partition("=")
+    if eq and "=" not in rhs and len(lhs) <= 2:
+        s = rhs
+    # ``\sqrt3`` -> ``\sqrt{3}`` (before removing spaces, as in the original).
+    s = _fix_sqrt(s)
+    # Spaces (only ' '; tabs and carriage returns stay).
+    s = s.replace(" ", "")
+    # ``\frac12`` -> ``\frac{1}{2}``.
+    s = _fix_fracs(s)
+    # The one decimal special-cased by the original.
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    # ``2/3`` -> ``\frac{2}{3}``.
+    return _fix_a_slash_b(s)
+
+
+@register("math_strict")
+def math_strict_reward(response: str, gold: str) -> float:
+    """1.0 iff ``strip_string(last box) == strip_string(gold)``: the official SofT-GRPO training reward.
+
+    No box -> 0.0. Where ``strip_string`` fails on either side, the raw box and gold are compared
+    instead (the official fallback). Unlike ``math``: no unit words, thousands separators, set order or
+    numeric equivalence beyond ``0.5`` = ``\\frac{1}{2}``.
+    """
+    if not gold.strip():
+        raise ValueError("math_strict reward: empty gold answer")
+    boxed = last_boxed(response)
+    if boxed is None:
+        return 0.0
+    try:
+        return 1.0 if strip_string(boxed) == strip_string(gold) else 0.0
+    except StripStringError:
+        return 1.0 if boxed == gold else 0.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The soft-thinking sampler (SofT-GRPO rollout, reference order), batched over rows.
 
-For a row in the thinking (soft) phase, exactly the reference order (softgrpo-reference.md §1.2):
+For a row in the thinking (soft) phase, exactly the reference order (docs/design/softgrpo-reference.md §1.2):
 
     p   = softmax(z / T)                         temperature, full softmax
     p1  = topk_renorm(p, top_k)                  top-k
@@ -99,8 +99,10 @@ class SoftSamplingParams:
             bad("tau", "must be > 0")
         if self.noise not in NOISE_KINDS:
             bad("noise", f"must be one of {NOISE_KINDS}")
-        if self.noise_scale < 0:
-            bad("noise_scale", "must be >= 0")
+        if not self.noise_scale > 0:
+            # lambda = 0 makes every stored value a function of the logits: the Gumbel/Gaussian density
+            # degenerates (log 0 in the exact density, a constant in the official one: no gradient).
+            bad("noise_scale", "must be > 0; for noise-free soft thinking (evaluation only) use noise='none'")
         if self.noise_clamp is not None and not self.noise_clamp[0] < self.noise_clamp[1]:
             bad("noise_clamp", "must be (low, high) with low < high, or None")
         if not self.dirichlet_alpha > 0:

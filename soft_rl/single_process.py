@@ -33,6 +33,7 @@ class UpdateConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1
     grad_clip: float = 1.0
+    micro_batch_seqs: int | None = None  # with agg="micro-batch-token-mean": sequences per micro-batch
 
 
 def pad_logprobs(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -63,19 +64,30 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     chunks = torch.arange(n).chunk(cfg.mini_batches)
     metrics: dict[str, float] = {}
     norms: list[float] = []
+    def mini_batch_loss(idx: torch.Tensor, agg: str):
+        sub = [trajs[i] for i in idx.tolist()]
+        lp_rows, ent_rows = teacher_forced_logprobs(model, sub, cfg.density, grad=True, with_entropy=True)
+        logp = pad_logprobs(lp_rows)
+        R = logp.shape[1]
+        return ppo_policy_loss(
+            logp, old[idx, :R], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip, agg=agg, ref_logp=None if ref is None else ref[idx, :R],
+            kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, entropy=pad_logprobs(ent_rows), entropy_coef=cfg.entropy_coef)
+
     for _ in range(cfg.ppo_epochs):
         for idx in chunks:
-            sub = [trajs[i] for i in idx.tolist()]
-            lp_rows, ent_rows = teacher_forced_logprobs(model, sub, cfg.density, grad=True, with_entropy=True)
-            logp = pad_logprobs(lp_rows)
-            R = logp.shape[1]
-            loss, m = ppo_policy_loss(
-                logp, old[idx, :R], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                dual_clip=cfg.dual_clip, agg=cfg.agg, ref_logp=None if ref is None else ref[idx, :R],
-                kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, entropy=pad_logprobs(ent_rows),
-                entropy_coef=cfg.entropy_coef)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if cfg.agg == "micro-batch-token-mean":
+                # verl 0.4: loss = sum over micro-batches of token-mean(micro-batch) / number of micro-batches
+                if cfg.micro_batch_seqs is None:
+                    raise ValueError("agg='micro-batch-token-mean' needs micro_batch_seqs")
+                micro = idx.split(cfg.micro_batch_seqs)
+                for mi in micro:
+                    loss, m = mini_batch_loss(mi, "token-mean")
+                    (loss / len(micro)).backward()
+            else:
+                loss, m = mini_batch_loss(idx, cfg.agg)
+                loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if torch.isfinite(grad_norm):
                 optimizer.step()

@@ -1,4 +1,4 @@
-"""A throwaway multi-node Slurm cluster on this one host, for tests (shared/design/slurm-and-metrics.md §1).
+"""A throwaway multi-node Slurm cluster on this one host, for tests (docs/design/slurm-and-metrics.md §1).
 
 One munged with a private key and socket, one slurmctld and N ``slurmd -N nX`` instances, all on
 127.0.0.1 with free ports, every file (config, state, spool, logs, sockets) under one directory.

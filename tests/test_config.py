@@ -36,6 +36,31 @@ def test_paper_recipe_values():
     assert base.rollout.soft is False and base.rollout.top_k == 5
 
 
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "tiny_cpu"], ids=lambda p: p.stem)
+def test_paper_presets_select_the_official_behaviour(preset):
+    """Every documented deviation with an official alternative: the paper presets pick the official one."""
+    from soft_rl.rewards import get_reward
+
+    cfg = load_config(preset, ["model.path=/m"])
+    r, lr = cfg.rollout, cfg.learner
+    assert lr.density == "official"
+    assert lr.loss_agg == "micro-batch-token-mean" and lr.micro_batch_seqs == (1 if "7b" in preset.stem else 2)
+    assert cfg.reward.name == "math_strict"
+    get_reward(cfg.reward.name)  # registered
+    assert (r.eval_temperature, r.eval_top_p, r.eval_top_k) == (0.6, 0.95, 5)
+    ev = r.eval_sampling_params(seed=1)
+    assert (ev.temperature, ev.answer_temperature, ev.top_p, ev.top_k) == (0.6, 0.6, 0.95, 5)
+    assert r.sampling_params(seed=1).temperature == 1.0  # training keeps its own
+    assert cfg.data.max_prompt_tokens == 1024
+    # held-out files inside the repository, relative to its root (where soft-rl runs)
+    assert cfg.data.eval_files and all((ROOT / f).is_file() and not Path(f).is_absolute() for f in cfg.data.eval_files)
+
+
+def test_eval_sampling_defaults_to_training_sampling():
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml")
+    assert cfg.rollout.eval_sampling_params(3) == cfg.rollout.sampling_params(3)
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["rollout.temprature=0.5"], "rollout.temprature"),          # unknown key (typo)
     (["learner.lr=fast"], "learner.lr"),                          # wrong type
@@ -50,6 +75,11 @@ def test_paper_recipe_values():
     (["rollout.prefix_caching=salted"], "rollout.prefix_caching"),
     (["learner.sync_probe_tol=0"], "learner.sync_probe_tol"),
     (["learner.sync_bucket_mb=0"], "learner.sync_bucket_mb"),
+    (["learner.micro_batch_seqs=0"], "learner.micro_batch_seqs"),
+    (["learner.loss_agg=token-sum"], "learner.loss_agg"),
+    (["rollout.noise_scale=0"], "rollout"),                       # degenerate density; noise=none instead
+    (["rollout.eval_top_p=1.5"], "rollout"),                      # eval sampler validated too
+    (["data.max_prompt_tokens=0"], "data.max_prompt_tokens"),
     (["trainer.colocate=true", "rollout.num_engines=1"], "trainer.colocate"),  # 2 learner ranks, 1 engine
     (["trainer.colocate=true", "trainer.device=gpu"], "learner.sync_transport"),  # NCCL: one rank per GPU
 ])

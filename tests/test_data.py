@@ -17,7 +17,7 @@ from soft_rl.data import (
     render_prompt,
 )
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
 SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -46,7 +46,7 @@ def test_build_user_prompt_is_the_reference_template():
 
 
 # --------------------------------------------------------------------------------------------------
-# The shared benchmark files
+# The benchmark files (data/benchmarks)
 # --------------------------------------------------------------------------------------------------
 
 

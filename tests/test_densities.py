@@ -137,3 +137,125 @@ def test_official_clamped_slot_on_the_bound_is_censored():
     dphi = -1 + math.exp(-0.2)  # phi'(g)
     dmu1 = torch.tensor([-p[0], 1 - p[1], -p[2]]) * (p[1] / (p[1] + 1e-6))
     torch.testing.assert_close(z.grad[0], -dphi * dmu1 / 3, atol=1e-5, rtol=1e-4)
+
+
+def official_learner_topk_gumbel(logits, topk_ids, gumbels):
+    """verl's ``logprobs_from_logits_topk_gumbel`` (docs/design/softgrpo-reference.md §2.2), transcribed literally:
+    full softmax, the K stored ids' probabilities renormalised over all K slots, mu = log(p-hat + 1e-6),
+    g' = clamp(y - mu, -1.5, 3), masked mean of phi(g') over {mu > -3}."""
+    probs = torch.softmax(logits, dim=-1)
+    p_k = torch.gather(probs, -1, topk_ids)
+    p_hat = p_k / p_k.sum(-1, keepdim=True)
+    mu = torch.log(p_hat + 1e-6)
+    g = torch.clamp(gumbels - mu, -1.5, 3.0)
+    mask = (mu > -3.0).to(logits.dtype)
+    return ((-g - torch.exp(-g)) * mask).sum(-1) / mask.sum(-1)
+
+
+def test_official_density_on_truncated_rows_equals_the_official_learner():
+    """Rows whose top-p emptied slots: soft-rl stores the next most likely tokens there, the official
+    rollout arbitrary near-zero-mass ids. Scoring only the kept slots gives the official value and
+    gradient w.r.t. the full logits (at the old weights, and after a small update)."""
+    from soft_rl.densities import density_slots
+    from soft_rl.rng import NoiseCounters
+    from soft_rl.sampling import SamplingBatch, SoftSamplingParams, soft_sample
+
+    torch.manual_seed(11)
+    B, V, K = 400, 64, 5
+    logits = torch.randn(B, V, dtype=torch.float64) * 2.5
+    logits[: B // 2, :] *= 2.0  # confident rows: top-p keeps one or two slots
+    logits[:, -8:] = -40.0  # tokens of negligible mass, the official rollout's "arbitrary" fillers
+    params = [SoftSamplingParams(seed=b, top_k=5, top_p=0.95, k=K) for b in range(B)]
+    batch = SamplingBatch.from_params(params)
+    out = soft_sample(logits.float(), batch, NoiseCounters(batch.seed, torch.full((B,), 3)))
+    emptied = ~out.kept
+    assert emptied.any(-1).float().mean() > 0.5  # most rows have an emptied slot
+    filler = torch.randint(V - 8, V, (B, K))
+    official_ids = torch.where(emptied, filler, out.ids)
+    y = out.noisy.double()
+    valid = torch.ones(B, K, dtype=torch.bool)
+
+    def ours(z):
+        return soft_logprob(z.gather(1, out.ids), y, "official", valid=density_slots(valid, out.kept, "official"))
+
+    # values at the rollout's weights (every slot's noise recovered, clamped slots on their bound)
+    torch.testing.assert_close(ours(logits), official_learner_topk_gumbel(logits, official_ids, y), atol=1e-4,
+                               rtol=0)
+    # value and gradient after an update: no slot sits on a clamp bound any more
+    z = (logits + 0.05 * torch.randn(B, V, dtype=torch.float64)).requires_grad_()
+    mine = ours(z)
+    (g_mine,) = torch.autograd.grad(mine.sum(), z)
+    theirs = official_learner_topk_gumbel(z, official_ids, y)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), z)
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    scale = g_theirs.abs().amax(-1, keepdim=True)
+    err = (g_mine - g_theirs).abs() / (scale + 1e-6)  # 1e-6: rows whose official gradient is the fillers' ~1e-13
+    assert float(err.max()) < 1e-3, float(err.max())
+    # the former normaliser over all K slots (fillers holding real mass) is visibly off on these rows
+    all_k = soft_logprob(z.detach().gather(1, out.ids), y, "official", valid=valid)
+    assert float((all_k - theirs.detach()).abs().max()) > 1e-2
+
+
+def test_gaussian_density_uses_the_scale_its_noise_was_drawn_with():
+    """x ~ N(p-hat, (0.05 lambda)^2): both modes score with that std (official: clamp at +- 3 std)."""
+    torch.manual_seed(5)
+    B, K, lam = 32, 4, 2.0
+    z = torch.randn(B, K, dtype=torch.float64)
+    p = torch.softmax(z, -1)
+    x = p + 0.05 * lam * torch.randn(B, K, dtype=torch.float64)
+    exact = soft_logprob(z, x, "exact", lam, noise="gaussian")
+    torch.testing.assert_close(exact, torch.distributions.Normal(p, 0.05 * lam).log_prob(x).sum(-1))
+    off = soft_logprob(z, x, "official", lam, noise="gaussian")
+    for b in range(B):
+        vals = [torch.distributions.Normal(p[b, k], 0.1).log_prob(x[b, k].clamp(p[b, k] - 0.3, p[b, k] + 0.3)).item()
+                for k in range(K) if p[b, k] > 0.05]
+        assert abs(off[b].item() - sum(vals) / len(vals)) < 1e-8
+    # the scale matters: at lambda = 1 the same values score differently
+    assert not torch.allclose(off, soft_logprob(z, x, "official", 1.0, noise="gaussian"))
+
+
+def test_zero_noise_scale_is_rejected_with_the_alternative():
+    from soft_rl.sampling import SoftSamplingParams
+
+    with pytest.raises(ValueError, match="noise_scale.*noise='none'"):
+        SoftSamplingParams(noise_scale=0.0)
+    SoftSamplingParams(noise="none", noise_scale=1.0)  # noise-free soft thinking is still available
+
+
+def test_rows_with_different_noise_settings_are_each_scored_with_their_own():
+    """RowNoise: a batch mixing kinds, lambdas, clamps and alphas equals scoring each row on its own."""
+    from soft_rl.densities import RowNoise, soft_logprob_rows
+
+    torch.manual_seed(6)
+    settings = [("gumbel", 1.0, (-1.5, 3.0), 1.0), ("gumbel", 0.5, None, 1.0), ("gaussian", 1.5, (-1.5, 3.0), 1.0),
+                ("dirichlet", 1.0, None, 2.0)]
+    counts = [3, 2, 4, 3]
+    K = 4
+    z = (torch.randn(sum(counts), K, dtype=torch.float64)).requires_grad_()
+    p = torch.softmax(z.detach(), -1)
+    start, parts = 0, []
+    for (kind, lam, _, _), n in zip(settings, counts, strict=True):
+        q = p[start: start + n]
+        parts.append(torch.log(q + 1e-6) + lam * 0.4 * torch.randn(n, K, dtype=torch.float64) if kind == "gumbel"
+                     else q + 0.03 * torch.randn(n, K, dtype=torch.float64) if kind == "gaussian"
+                     else q * (1 + 0.2 * torch.rand(n, K, dtype=torch.float64)))
+        start += n
+    y = torch.cat(parts)
+    valid = torch.ones_like(y, dtype=torch.bool)
+    rows = RowNoise.from_settings(settings, counts, counts)
+    assert rows.kinds == ("dirichlet", "gaussian", "gumbel")
+    for mode in ("official", "exact"):
+        got = soft_logprob_rows(z, y, mode, rows, valid)
+        (grad,) = torch.autograd.grad(got.sum(), z)
+        start, want = 0, []
+        for (kind, lam, clamp, alpha), n in zip(settings, counts, strict=True):
+            want.append(soft_logprob(z[start: start + n], y[start: start + n], mode, lam, noise=kind, clamp=clamp,
+                                     dirichlet_alpha=alpha))
+            start += n
+        want = torch.cat(want)
+        (want_grad,) = torch.autograd.grad(want.sum(), z)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        torch.testing.assert_close(grad, want_grad, atol=1e-12, rtol=0)
+        assert torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="noise='none'"):
+        soft_logprob_rows(z, y, "official", RowNoise.from_settings([("none", 1.0, None, 1.0)], [12], [12]), valid)

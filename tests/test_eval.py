@@ -158,3 +158,32 @@ def test_eval_vllm_backend_matches_hf(toy_dir, tmp_path, ray_cluster):
     assert [p["lengths"] for p in vl["problems"]] == [p["lengths"] for p in hf["problems"]]
     assert [p["outcomes"] for p in vl["problems"]] == [p["outcomes"] for p in hf["problems"]]
     assert vl["pass_at_k"] == hf["pass_at_k"] and vl["reward_failures"] == 0
+
+
+def test_eval_dtype_and_reward_defaults(monkeypatch):
+    """Plain eval: float32 + math; --preset paper: bfloat16 + math_whole (the official evaluation); flags win."""
+    import workers.eval
+    from soft_rl.cli import main
+    from soft_rl.evaluation import resolve_eval_defaults
+
+    assert resolve_eval_defaults(None) == {"dtype": "float32", "reward": "math"}
+    assert resolve_eval_defaults("paper") == {"dtype": "bfloat16", "reward": "math_whole"}
+    assert resolve_eval_defaults("paper", dtype="float32") == {"dtype": "float32", "reward": "math_whole"}
+    assert resolve_eval_defaults("paper", reward="math_strict") == {"dtype": "bfloat16", "reward": "math_strict"}
+    assert resolve_eval_defaults(None, dtype="bfloat16", reward="math_whole") == \
+        {"dtype": "bfloat16", "reward": "math_whole"}
+    with pytest.raises(ValueError, match="preset"):
+        resolve_eval_defaults("papr")
+
+    runs = []
+    monkeypatch.setattr(workers.eval, "run_eval", runs.append)
+    base = ["eval", "--model", "m", "--data", "d.json"]
+    for extra, dtype, reward in [
+        ([], "float32", "math"),
+        (["--preset", "paper"], "bfloat16", "math_whole"),
+        (["--preset", "paper", "--dtype", "float32", "--reward", "math"], "float32", "math"),
+        (["--dtype", "bfloat16", "--reward", "math_strict"], "bfloat16", "math_strict"),
+    ]:
+        assert main([*base, *extra]) == 0
+        assert (runs[-1].dtype, runs[-1].reward) == (dtype, reward), extra
+    assert runs[1].settings.n == 32 and runs[0].settings.n == EvalSettings().n

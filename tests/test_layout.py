@@ -40,3 +40,24 @@ def test_vllm_internals_only_in_the_engine_module():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vllm."):
                 offenders.append(f"{rel}: {node.module}")
     assert not offenders
+
+
+def test_nothing_tracked_refers_to_a_path_outside_the_repository():
+    """A user's clone has nothing beside it: no tracked file may read ../<something> or a shared/ folder
+    next to the repository (data, presets and tests use the copies inside it)."""
+    import re
+
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    outside = re.compile(r"\.\./(shared|data)|(?<![\w/])shared/(design|data)|/work/")
+    parents = re.compile(r"parents\[(\d+)\]")
+    offenders = []
+    for rel in files:
+        path = ROOT / rel
+        if path.suffix not in {".py", ".yaml", ".yml", ".md", ".sh", ".toml", ".cfg", ".txt", ".sbatch", ""} or \
+                not path.is_file() or rel == "tests/test_layout.py":
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            # a file n folders deep reaches the repository root with parents[n]; more is outside
+            if outside.search(line) or any(int(m) >= len(Path(rel).parts) for m in parents.findall(line)):
+                offenders.append(f"{rel}:{i}: {line.strip()[:100]}")
+    assert not offenders, "\n".join(offenders)

@@ -14,9 +14,9 @@ from soft_rl.single_process import UpdateConfig, grpo_update
 pytestmark = pytest.mark.slow
 
 
-def make_batch(model, tok, soft: bool, n_prompts=4, n=4):
+def make_batch(model, tok, soft: bool, n_prompts=4, n=4, budget=lambda i: 4 + i % 3):
     prompts = [list(tok.encode(f"q{i}: {i} plus {2 * i} is")) for i in range(n_prompts) for _ in range(n)]
-    params = [SoftSamplingParams(seed=100 + i, soft=soft, thinking_budget=4 + i % 3, answer_temperature=0.8)
+    params = [SoftSamplingParams(seed=100 + i, soft=soft, thinking_budget=budget(i), answer_temperature=0.8)
               for i in range(len(prompts))]
     trajs = generate(model, prompts, params, max_new_tokens=10, eos_token_ids=[], tokenizer=tok)
     g = torch.Generator().manual_seed(7)
@@ -26,7 +26,7 @@ def make_batch(model, tok, soft: bool, n_prompts=4, n=4):
 
 
 def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_coef: float = 0.0,
-                                 entropy_coef: float = 0.0, **learner_kw):
+                                 entropy_coef: float = 0.0, batch_kw=None, **learner_kw):
     """k optimizer steps on 2 DeepSpeed ranks vs the pure-torch single-process update, same batch."""
     from transformers import AutoModelForCausalLM
 
@@ -35,12 +35,12 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
 
     path = str(tiny_dir / "qwen2")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    trajs, rewards, group = make_batch(model, tok, soft)
+    trajs, rewards, group = make_batch(model, tok, soft, **(batch_kw or {}))
     # Adam's eps sets how strongly gradient rounding noise is amplified in elements whose gradient is
     # ~0 (there m / sqrt(v) is ~ +-1 whatever the noise); 1e-4 keeps the comparison well conditioned.
-    cfg = LearnerConfig(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=kl_coef,
-                        entropy_coef=entropy_coef, micro_batch_tokens=64, weight_decay=0.01, adam_eps=1e-4,
-                        sync_timeout_s=120, **learner_kw)
+    cfg = LearnerConfig(**{**dict(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=kl_coef,
+                                  entropy_coef=entropy_coef, micro_batch_tokens=64, weight_decay=0.01,
+                                  adam_eps=1e-4, sync_timeout_s=120), **learner_kw})
     # independent entropy reference at the initial weights: full HF logits, token mean per mini-batch
     with torch.no_grad():
         _, ents = teacher_forced_logprobs(model, trajs, with_entropy=True)
@@ -53,7 +53,8 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     opt = torch.optim.AdamW(ref_model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     steps = 2
-    ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef)
+    ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef, agg=cfg.loss_agg,
+                        micro_batch_seqs=cfg.micro_batch_seqs)
     ref_norms = [grpo_update(ref_model, opt, trajs, rewards, group, ucfg, ref_model=frozen, per_step_metrics=True)
                  for _ in range(steps)]
     # two DeepSpeed ranks
@@ -81,7 +82,26 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     moved = max((state[n] - p.detach()).abs().max().item() for n, p in model.named_parameters())
     assert moved > 1e-3  # the update really changed the weights
     assert worst <= 1e-5, worst
-    return kls
+    return kls, ref_norms
+
+
+def test_official_micro_batch_token_mean_matches_single_process(ray_cluster, tiny_dir, tiny_tokenizer):
+    """verl 0.4's token-mean (each micro-batch's token mean, averaged over micro-batches) on 2 ZeRO-2 ranks
+    equals the single-process update that computes it literally, micro-batch by micro-batch; micro-batches
+    of unequal token counts make it differ from the global token mean (checked, so the test can fail)."""
+    from transformers import AutoModelForCausalLM
+
+    budget = lambda i: 4 if i % 4 == 0 else None  # noqa: E731 - one forced marker per 4: unequal micro-batches
+    _, norms = _compare_with_single_process(tiny_dir, tiny_tokenizer, 2, True, batch_kw=dict(budget=budget),
+                                            loss_agg="micro-batch-token-mean", micro_batch_seqs=2,
+                                            micro_batch_tokens=4096)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "qwen2"), dtype=torch.float32)
+    trajs, rewards, group = make_batch(model, tiny_tokenizer, True, budget=budget)
+    counts = [int((~t.forced).sum()) for t in trajs]
+    assert len(set(counts)) > 1, counts
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
+    global_mean = grpo_update(model, opt, trajs, rewards, group, UpdateConfig(mini_batches=2), per_step_metrics=True)
+    assert abs(global_mean[0] - norms[0][0]) > 1e-3 * norms[0][0], (global_mean, norms)
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -92,7 +112,7 @@ def test_two_ranks_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer, z
 
 def test_kl_reference_and_entropy_bonus_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer):
     """ZeRO-3 with the frozen reference model (k3 KL) and an entropy bonus, SofT-GRPO."""
-    kls = _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, kl_coef=0.05, entropy_coef=0.01)
+    kls, _ = _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, kl_coef=0.05, entropy_coef=0.01)
     assert kls[0] == 0.0 and min(kls[1:]) > 0  # KL to the reference is 0 before the first step, then grows
 
 

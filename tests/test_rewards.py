@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from soft_rl.rewards import get_reward, known_rewards, last_boxed, register
+from soft_rl.rewards import StripStringError, get_reward, known_rewards, last_boxed, register, strip_string
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+BENCHMARKS = ROOT / "data" / "benchmarks"
 BENCHMARK_FILES = ["aime2024", "amc23", "gsm8k", "math500"]
 
 math_reward = get_reward("math")
+math_strict = get_reward("math_strict")
+math_whole = get_reward("math_whole")
 numeric = get_reward("numeric")
 fmt = get_reward("format")
 toy = get_reward("toy")
@@ -145,6 +147,177 @@ def test_math_empty_gold_raises():
 
 
 # --------------------------------------------------------------------------------------------------
+# strip_string and math_strict (the official training reward)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("\\frac{1}{2}", "\\frac{1}{2}"),
+        ("a\nb", "ab"),  # linebreaks
+        ("1\\!000", "1000"),  # negative thin space
+        ("a\\\\b", "a\\b"),  # \\ -> \
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\tfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("90^{\\circ}", "90"),
+        ("90^\\circ", "90"),
+        ("\\$18", "18"),
+        ("$18", "$18"),  # a bare dollar stays
+        ("5 \\text{ cm}", "5"),  # units: cut at "\text{ " (with the space)
+        ("5\\text{cm}", "5\\text{cm}"),  # no space after the brace: not a unit
+        ("50\\%", "50"),
+        ("50%", "50%"),  # a bare percent stays
+        (".5", "\\frac{1}{2}"),  # leading dot -> 0.5 -> the special case
+        (".25", "0.25"),
+        ("x = .25", "0.25"),  # " ." -> " 0."
+        ("\\frac{.5}{2}", "\\frac{0.5}{2}"),  # "{." -> "{0."
+        ("x = 5", "5"),
+        ("k=5", "5"),
+        ("xy = 5", "xy=5"),  # "xy " is three characters: kept
+        ("a = b = 5", "a=b=5"),  # two "=": kept
+        ("\\sqrt3", "\\sqrt{3}"),
+        ("2\\sqrt{3}", "2\\sqrt{3}"),
+        ("\\frac12", "\\frac{1}{2}"),
+        ("\\frac1{2}", "\\frac{1}{2}"),
+        ("\\frac{1}2", "\\frac{1}2"),  # only a frac not followed by "{" is rewritten
+        ("\\frac1", "\\frac1"),  # too short: the whole string is left alone
+        ("0.5", "\\frac{1}{2}"),
+        ("0.50", "0.50"),
+        ("2/3", "\\frac{2}{3}"),
+        ("-2/3", "\\frac{-2}{3}"),
+        ("02/3", "02/3"),  # not the canonical spelling of int/int
+        ("2/3/4", "2/3/4"),
+        ("a/b", "a/b"),
+        ("", ""),
+    ],
+)
+def test_strip_string(raw, expected):
+    assert strip_string(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["2\\sqrt", "\\frac", "1 \\text{ a} 2 \\text{ b}"])
+def test_strip_string_fails_where_the_official_does(raw):
+    with pytest.raises(StripStringError):
+        strip_string(raw)
+
+
+def test_strip_string_is_linear_on_huge_input():
+    assert strip_string("1" * 2_000_000 + "x/3") == "1" * 2_000_000 + "x/3"
+    assert len(strip_string("\\frac12" * 200_000)) == len("\\frac{1}{2}") * 200_000
+    assert len(strip_string("\\sqrt3" * 200_000)) == len("\\sqrt{3}") * 200_000
+
+
+@pytest.mark.parametrize("name", BENCHMARK_FILES)
+def test_every_benchmark_gold_is_strictly_equal_to_itself(name):
+    golds = _golds(name)
+    failed = [g for g in golds if math_strict(f"Reasoning... so the answer is \\boxed{{{g}}}.", g) != 1.0]
+    assert not failed, f"{len(failed)}/{len(golds)} golds of {name} fail math_strict: {failed[:10]}"
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac12"),
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{1}{2}}", "0.5"),
+        ("\\boxed{x = 5}", "5"),
+        ("\\boxed{5 \\text{ cm}}", "5"),
+        ("\\boxed{\\left(1,2\\right)}", "(1,2)"),
+        ("\\boxed{(1, 2)}", "\\left( 1, 2 \\right)"),
+        ("\\boxed{2/3}", "\\frac{2}{3}"),
+        ("\\boxed{\\sqrt3}", "\\sqrt{3}"),
+        ("\\boxed{76}", "76^\\circ"),
+        ("\\boxed{50}", "50\\%"),
+        ("\\boxed{\\$18}", "18"),
+        ("\\boxed{.5}", "0.5"),
+        ("<think>\\boxed{3}</think> The answer is \\boxed{\\frac{1}{4}}.", "\\frac{1}{4}"),
+        ("\\boxed{2\\sqrt}", "2\\sqrt"),  # strip_string fails on both: raw equality
+    ],
+)
+def test_math_strict_accepts(response, gold):
+    assert math_strict(response, gold) == 1.0
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("\\boxed{6}", "5"),
+        ("\\boxed{5\\text{cm}}", "5\\text{ cm}"),
+        ("\\boxed{xy = 5}", "5"),
+        ("\\boxed{50\\%}", "50%"),
+        ("The answer is 5.", "5"),  # no box
+        ("\\boxed{5} and then \\boxed{5", "5"),  # truncated last box
+        ("\\boxed{}", "5"),
+        ("\\boxed{2\\sqrt}", "2 \\sqrt"),  # the fallback compares raw strings
+    ],
+)
+def test_math_strict_rejects(response, gold):
+    assert math_strict(response, gold) == 0.0
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("\\boxed{18 dollars}", "18"),
+        ("\\boxed{18\\text{ dollars}}", "18.00"),
+        ("\\boxed{\\$18.00}", "18"),
+        ("\\boxed{2,125}", "2125"),
+        ("\\boxed{1, -2}", "-2,1"),
+        ("\\boxed{9i+6}", "6+9i"),
+        ("\\boxed{0.50}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}"),
+        ("\\boxed{2 \\sqrt{5}}", "\\sqrt{20}"),
+    ],
+)
+def test_math_strict_is_stricter_than_math(response, gold):
+    assert math_reward(response, gold) == 1.0
+    assert math_strict(response, gold) == 0.0
+
+
+def test_math_strict_last_box_wins():
+    response = "First guess \\boxed{5}. Rechecking... the answer is \\boxed{6}."
+    assert math_strict(response, "6") == 1.0
+    assert math_strict(response, "5") == 0.0
+
+
+def test_math_strict_empty_gold_raises():
+    with pytest.raises(ValueError, match="empty gold"):
+        math_strict("\\boxed{}", " ")
+
+
+# --------------------------------------------------------------------------------------------------
+# math_whole (math-verify over the whole response: the official standalone evaluation)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [
+        ("<think>try 3</think> so the answer is \\boxed{5}.", "5", 1.0),
+        ("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}", 1.0),
+        ("The answer is $\\frac{1}{2}$.", "0.5", 1.0),  # no box needed
+        ("<think>\\boxed{3}</think> so 5", "3", 1.0),  # a box, even in the thinking, beats a bare number
+        ("first 5, then 6", "6", 1.0),  # no box: the last number
+        ("\\boxed{5} wait, no: \\boxed{6}", "6", 0.0),  # math-verify reads two boxes as the set {5, 6}
+        ("\\boxed{5} wait, no: \\boxed{6}", "5", 0.0),
+        ("\\boxed{6}", "5", 0.0),
+        ("I do not know.", "5", 0.0),  # nothing to parse
+        ("", "5", 0.0),
+    ],
+)
+def test_math_whole(response, gold, expected):
+    assert math_whole(response, gold) == expected
+
+
+def test_math_whole_scores_answers_math_misses():
+    response = "The answer is $\\frac{1}{2}$."  # no box: math and math_strict give 0
+    assert math_reward(response, "0.5") == 0.0 and math_strict(response, "0.5") == 0.0
+    assert math_whole(response, "0.5") == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
 # numeric, format, toy
 # --------------------------------------------------------------------------------------------------
 
@@ -217,7 +390,7 @@ def test_toy(response, gold, expected):
 
 
 def test_builtin_names():
-    assert {"math", "numeric", "format", "toy"} <= set(known_rewards())
+    assert {"math", "math_strict", "math_whole", "numeric", "format", "toy"} <= set(known_rewards())
 
 
 def test_unknown_reward_lists_known_names():

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from soft_rl.config import Config, load_config, to_yaml, validate_device
-from soft_rl.data import load_problems, render_prompt
+from soft_rl.data import Problem, filter_overlong, load_problems, render_prompt
 from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.losses import compute_advantages
 
@@ -47,6 +47,36 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+@dataclass
+class RunData:
+    train: list[Problem]
+    eval: list[Problem]
+    counts: dict[str, int]  # rows loaded, malformed rows skipped, prompts over data.max_prompt_tokens dropped
+
+
+def load_run_data(cfg: Config, tok, log=print) -> RunData:
+    """Training and held-out problems, with prompts longer than ``data.max_prompt_tokens`` (chat template
+    included) dropped and counted, as verl's ``filter_overlong_prompts`` does."""
+    d = cfg.data
+    if not d.train_files:
+        raise ValueError("config key 'data.train_files': at least one training file is needed")
+    counts: dict[str, int] = {}
+    kept: dict[str, list[Problem]] = {}
+    for split, files in (("train", d.train_files), ("eval", d.eval_files)):
+        reports = [load_problems(f, on_error=d.on_error) for f in files]
+        loaded = [p for rep in reports for p in rep.problems]
+        kept[split], dropped = filter_overlong(loaded, tok, d.max_prompt_tokens)
+        counts.update({f"{split}/rows": len(loaded), f"{split}/skipped_malformed": sum(r.skipped for r in reports),
+                       f"{split}/dropped_overlong": dropped})
+        if dropped:
+            log(f"[train] data: dropped {dropped} of {len(loaded)} {split} prompts longer than "
+                f"data.max_prompt_tokens={d.max_prompt_tokens}")
+    if not kept["train"]:
+        raise ValueError(f"config key 'data.max_prompt_tokens': all {counts['train/rows']} training prompts are "
+                         f"longer than {d.max_prompt_tokens} tokens")
+    return RunData(kept["train"], kept["eval"], counts)
+
+
 def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> dict[str, float]:
     """pass@1 over ``problems`` x ``trainer.eval_n`` samples (seeds fixed per problem and sample)."""
     r = cfg.rollout
@@ -54,7 +84,7 @@ def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> 
     requests, golds = [], []
     for i, p in enumerate(problems):
         for j in range(n):
-            params = r.sampling_params(sample_seed(cfg.trainer.seed, f"eval:{i}", j))
+            params = r.eval_sampling_params(sample_seed(cfg.trainer.seed, f"eval:{i}", j))
             requests.append(RolloutRequest(render_prompt(tok, p.prompt), params, r.max_new_tokens))
             golds.append(p.answer)
     trajs = pool.generate(requests)
@@ -77,14 +107,12 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True, d
     out = Path(cfg.trainer.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    if not cfg.data.train_files:
-        raise ValueError("config key 'data.train_files': at least one training file is needed")
-    problems = [p for f in cfg.data.train_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
-    eval_problems = [p for f in cfg.data.eval_files for p in load_problems(f, on_error=cfg.data.on_error).problems]
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    data = load_run_data(cfg, tok, log)
+    (out / "data.json").write_text(json.dumps(data.counts, indent=1))
     session = init_ray(dashboard, dashboard_port=dashboard_port, prometheus_port=prometheus_port, log=log)
     try:
-        return _train(cfg, tok, problems, eval_problems, out, log, resume, progress)
+        return _train(cfg, tok, data.train, data.eval, out, log, resume, progress)
     finally:
         session.stop()
 

@@ -9,6 +9,11 @@
 
 Generation is clamped to the model's context: ``max_new_tokens`` becomes
 ``min(max_new_tokens, max_position_embeddings - longest prompt)`` (recorded in the report).
+
+``EvalRun`` defaults to float32 weights and the ``math`` reward (last box, math-verify); ``soft-rl eval
+--preset paper`` switches to the official standalone evaluation's bfloat16 and ``math_whole`` (math-verify
+over the whole completion) unless ``--dtype`` / ``--reward`` are given (``resolve_eval_defaults``). The
+report records both.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ class EvalRun:
     settings: EvalSettings
     backend: str = "vllm"  # vllm | hf
     out: str = "runs/eval"
-    reward: str = "math"
+    reward: str = "math"  # soft-rl eval --preset paper: math_whole
     reward_actors: int = 2  # 0: score in one local child process (no Ray)
     reward_timeout_s: float = 10.0
     batch_size: int = 64  # samples per generation call (progress granularity; hf: the batch)
     num_engines: int = 1
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 (soft-rl eval --preset paper: bfloat16)
     enforce_eager: bool | None = None  # vLLM: None = eager on CPU, graphs on GPU
     limit: int | None = None  # first N problems of each file
     on_error: str = "raise"  # malformed rows: raise | skip
@@ -156,6 +161,8 @@ def run_eval(run: EvalRun) -> dict[str, dict]:
     settings = run.settings
     if run.backend not in ("vllm", "hf"):
         raise ValueError(f"backend must be 'vllm' or 'hf', got {run.backend!r}")
+    if run.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {run.dtype!r}")
     tokenizer = AutoTokenizer.from_pretrained(run.model)
     datasets = []
     for f in run.data:
@@ -194,8 +201,8 @@ def run_eval(run: EvalRun) -> dict[str, dict]:
             rewards = [scores[i * settings.n: (i + 1) * settings.n] for i in range(len(problems))]
             report = {
                 "dataset": name, "file": str(f), "model": run.model, "backend": run.backend,
-                "reward": run.reward, "settings": settings.as_dict(), "max_new_tokens_used": max_new,
-                "skipped_rows": skipped,
+                "reward": run.reward, "dtype": run.dtype, "settings": settings.as_dict(),
+                "max_new_tokens_used": max_new, "skipped_rows": skipped,
                 **dataset_report(samples, rewards, [p.answer for p in problems], [p.row for p in problems]),
                 "reward_failures": scorer.failures() - failures_before,
                 "generation_seconds": t_gen, "seconds": time.time() - t0,

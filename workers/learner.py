@@ -31,7 +31,7 @@ import torch
 from soft_rl.config import LearnerConfig
 from soft_rl.lean_logprobs import head_logprobs
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
-from soft_rl.losses import aggregate_parts, kl_penalty, ppo_token_losses
+from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, aggregate_parts, kl_penalty, ppo_token_losses
 from soft_rl.trajectory import Trajectory
 
 
@@ -198,12 +198,9 @@ class LearnerWorker:
         mb = self._micro_batch(module, trajs)
         disc_logits, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
                                           mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids)
-        s = trajs[0].sampling
         return head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens,
                              noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
-                             noise=s.noise if s.noise != "none" else "gumbel", noise_scale=s.noise_scale,
-                             clamp=s.noise_clamp, dirichlet_alpha=s.dirichlet_alpha,
-                             with_entropy=with_entropy, entropy_grad=entropy_grad), mb.lengths
+                             noise=mb.noise, with_entropy=with_entropy, entropy_grad=entropy_grad), mb.lengths
 
     def _filler_forward(self, engine, micro_batches: list[list[Trajectory]]) -> torch.Tensor:
         """A zero-weight forward for a rank with fewer micro-batches than the others.
@@ -398,7 +395,8 @@ class LearnerGroup:
         per_rank_idx = [list(range(bounds[r], bounds[r + 1])) for r in range(n)]
         micro_idx = []
         for idx in per_rank_idx:
-            groups = split_by_token_budget([trajs[i] for i in idx], self.cfg.micro_batch_tokens) if idx else []
+            groups = split_by_token_budget([trajs[i] for i in idx], self.cfg.micro_batch_tokens,
+                                           self.cfg.micro_batch_seqs) if idx else []
             micro_idx.append([[idx[j] for j in g] for g in groups])
         if len(trajs) < n:
             raise ValueError(f"{len(trajs)} trajectories for {n} learner ranks: every rank needs at least one")
@@ -419,9 +417,12 @@ class LearnerGroup:
     def train_mini_batch(self, trajs: Sequence[Trajectory], advantages: torch.Tensor, old: Sequence[torch.Tensor],
                          ref: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
         shards, idx = self._shard(trajs)
-        masks = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), [t.num_tokens for t in trajs])
-        _, den = aggregate_parts(masks, masks, self.cfg.loss_agg, self.norm_length)
-        den = max(float(den), 1.0)
+        if self.cfg.loss_agg in PER_MICRO_BATCH_AGGREGATIONS:  # the mean of the micro-batches' own means
+            den = float(sum(1 for rank in idx for mb in rank if mb))
+        else:  # the whole mini-batch's denominator, so that N ranks x M micro-batches equal one batch
+            masks = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), [t.num_tokens for t in trajs])
+            _, den = aggregate_parts(masks, masks, self.cfg.loss_agg, self.norm_length)
+            den = max(float(den), 1.0)
         calls = []
         for a, r in zip(self.actors, range(len(self.actors)), strict=True):
             adv = [advantages[mb] if mb else torch.zeros(0) for mb in idx[r]]
