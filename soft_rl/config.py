@@ -143,6 +143,7 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | gpu
     colocate: bool = False  # learner rank i and engine i share a placement bundle (one GPU); see workers/placement.py
+    export_final: bool = False  # write the trained weights as an HF directory, <out_dir>/final_model, at the end
 
 
 @dataclass

@@ -19,7 +19,15 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
     overrides = [f"model.path={toy / 'model'}", f"data.train_files=[{toy / 'train.jsonl'}]", "trainer.steps=2",
                  "data.prompts_per_step=4", f"trainer.out_dir={out}", "rollout.max_new_tokens=24",
                  "rollout.thinking_budget=12", "trainer.colocate=true", "learner.entropy_coef=0.001"]
-    history = train(load_config("configs/tiny_cpu.yaml", overrides), log=lambda s: None)
+    history = train(load_config("configs/tiny_cpu.yaml", overrides + ["trainer.export_final=true"]),
+                    log=lambda s: None)
+    # the trained weights as an HF directory: loadable, and not the initial ones
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final_model").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
+    assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in final)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and lines == json.loads(json.dumps(history))
     for rec in lines:

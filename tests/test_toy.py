@@ -11,7 +11,7 @@ import pytest
 from soft_rl.data import INSTRUCTION, load_problems, render_prompt
 from soft_rl.evaluation import response_text
 from soft_rl.rewards import get_reward
-from soft_rl.toy.init import args_hash, corpus, toy_init, write_jsonl
+from soft_rl.toy.init import RECIPES, args_hash, corpus, toy_init, write_jsonl
 from soft_rl.toy.model import build_tokenizer
 from soft_rl.toy.task import ToyProblem, ToyTaskConfig, make_splits
 
@@ -144,3 +144,64 @@ def test_toy_init_builds_a_loadable_model_and_caches(tmp_path):
     assert weights.stat().st_mtime_ns == mtime
     cached = toy_init(out, seed=0, size="tiny", minutes=1.0, steps=40, log=lambda s: None)
     assert cached["cached"] is True and cached["heldout_accuracy_soft"] == report["heldout_accuracy_soft"]
+
+
+def test_default_toy_init_copies_the_shipped_model(tmp_path):
+    """The default task starts from the model in soft_rl/toy/shipped/ on every machine: the copy is
+    byte-identical, the data come from the task's seed, and a second call is a cache hit."""
+    from soft_rl.toy.init import SHIPPED, shipped_model_dir
+
+    assert shipped_model_dir() is not None, "the warm-started default model must ship with the repository"
+    out = tmp_path / "toy"
+    t0 = time.time()
+    report = toy_init(out, log=lambda s: None)
+    assert time.time() - t0 < 20 and report["source"] == "shipped" and report["cached"] is False
+    for f in (SHIPPED / "model").iterdir():
+        assert (out / "model" / f.name).read_bytes() == f.read_bytes(), f.name
+    shipped = json.loads((SHIPPED / "toy_init.json").read_text())
+    assert report["heldout_accuracy_soft"] == shipped["heldout_accuracy_soft"] and shipped["built_on"]
+    train, test = make_splits(0, RECIPES["default"].task)
+    assert [p.answer for p in load_problems(out / "test.jsonl").problems] == [p.answer for p in test]
+    assert len(load_problems(out / "train.jsonl").problems) == len(train)
+    assert toy_init(out, log=lambda s: None)["cached"] is True
+
+
+@pytest.mark.slow
+def test_rebuild_here_reaches_the_shipped_accuracy(tmp_path):
+    """`toy-init --rebuild` on the machine at hand trains a model whose held-out accuracy (256 problems,
+    one sample each, paper soft settings) is within sampling noise of the shipped one's: about 0.03
+    binomial standard deviation each, so 0.12 is a 3-sigma band on the difference."""
+    from soft_rl.toy.init import SHIPPED
+
+    shipped = json.loads((SHIPPED / "toy_init.json").read_text())
+    report = toy_init(tmp_path / "toy", rebuild=True, minutes=30, log=print)
+    assert report["source"] == "built" and not report["warm_start"]["stopped_by_time"]
+    print(f"rebuilt: soft {report['heldout_accuracy_soft']:.3f} discrete {report['heldout_accuracy_discrete']:.3f} "
+          f"in {report['wall_seconds']:.0f}s; shipped: soft {shipped['heldout_accuracy_soft']:.3f} "
+          f"discrete {shipped['heldout_accuracy_discrete']:.3f} ({shipped['built_on']})")
+    for key in ("heldout_accuracy_soft", "heldout_accuracy_discrete"):
+        assert abs(report[key] - shipped[key]) <= 0.12, (key, report[key], shipped[key])
+
+
+def test_sloppy_teacher_slips_at_its_rate_and_its_answer_follows_the_slips():
+    import random
+
+    rnd = random.Random(1)
+    problems = [ToyProblem(rnd.randint(10, 9999), rnd.randint(10, 9999)) for _ in range(3000)]
+    cols = slips = 0
+    for p in problems:
+        clean_lines = p.thought().split("\n")
+        lines, answer = p.worked(rnd, 0.3)
+        # the answer is what the written sums spell, right or wrong
+        digits, carry = [], 0
+        for line in lines.split("\n"):
+            s = int(line.split("=")[1])
+            digits.append(str(s % 10))
+            carry = s // 10
+        assert answer == (("1" if carry else "") + "".join(reversed(digits))).lstrip("0")
+        first = next((i for i, (a, b) in enumerate(zip(lines.split("\n"), clean_lines, strict=True)) if a != b), None)
+        cols += len(clean_lines) if first is None else first + 1
+        slips += first is not None
+        assert (first is None) == (answer == p.answer)
+    assert abs(slips / cols - 0.3) < 0.02  # first slips per column visited up to the first slip
+    assert p.worked(None, 0.3) == (p.thought(), p.answer)  # no rng: the careful teacher

@@ -274,6 +274,9 @@ def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool
                 log(f"[train] actors by node: {json.dumps(actor_placement())}")
                 (out / "placement.json").write_text(json.dumps(
                     {"engines": pool.placement(), "learners": learners.placement()}, indent=1))
+        if cfg.trainer.export_final:
+            learners.export_hf(str((out / "final_model").resolve()), cfg.model.path)
+            log(f"[train] final weights: {out / 'final_model'}")
     finally:
         telemetry.close()
     return history

@@ -47,19 +47,34 @@ class ToyProblem:
 
     def thought(self) -> str:
         """One line per column, ``x+y+carry=sum``, right to left (see the module docstring)."""
+        return self.worked(None)[0]
+
+    def worked(self, rnd: random.Random | None = None, slip: float = 0.0) -> tuple[str, str]:
+        """(the column lines, one per column ``x+y+carry=sum`` right to left, and the answer they spell).
+
+        With ``rnd`` and ``slip`` > 0 this is a sloppy teacher: each column's sum is off by one with
+        probability ``slip``, and the carries and the answer follow the sums as written (so the answer is
+        then wrong). A model that imitates it makes the same slips at random; RL can remove them.
+        """
         da, db = str(self.a)[::-1], str(self.b)[::-1]
-        lines, carry = [], 0
+        lines, digits, carry = [], [], 0
         for i in range(max(len(da), len(db))):
             x = int(da[i]) if i < len(da) else 0
             y = int(db[i]) if i < len(db) else 0
             s = x + y + carry
+            if rnd is not None and slip > 0 and rnd.random() < slip:
+                s = s + 1 if s == 0 or (s < 19 and rnd.random() < 0.5) else s - 1
             lines.append(f"{x}+{y}+{carry}={s}")
+            digits.append(str(s % 10))
             carry = s // 10
-        return "\n".join(lines)
+        answer = ("1" if carry else "") + "".join(reversed(digits))
+        return "\n".join(lines), answer.lstrip("0") or "0"
 
-    def response(self) -> str:
-        """The gold response after the generation prompt (which already ends with ``<think>\\n``)."""
-        return f"{self.thought()}\n{THINK_END}\n\\boxed{{{self.answer}}}"
+    def response(self, rnd: random.Random | None = None, slip: float = 0.0) -> str:
+        """The gold response after the generation prompt (which already ends with ``<think>\\n``); with
+        ``rnd`` and ``slip``, the sloppy teacher's (see ``worked``)."""
+        lines, answer = self.worked(rnd, slip)
+        return f"{lines}\n{THINK_END}\n\\boxed{{{answer}}}"
 
     def messages(self) -> list[dict[str, str]]:
         """The chat prompt in the reference template (problem + the step-by-step instruction)."""

@@ -1,5 +1,9 @@
 """Supervised warm start: teacher forcing on prompt + thought + answer, loss on the response only.
 
+The teacher may be sloppy (``WarmStartConfig.slip``): each column's sum is off by one with that
+probability, afresh at every visit, so the model learns the procedure *and* a per-column slip rate: a
+converged, stable starting point whose mistakes are random, the kind RL removes.
+
     loss = - sum_{t in response} log p(x_t | x_<t) / #response tokens        (per batch, token mean)
 
 Examples are tokenised exactly as a rollout sees them: the rendered chat prompt (ending with
@@ -31,13 +35,15 @@ class WarmStartConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_seconds: float | None = None  # wall-clock cap (None: none)
+    slip: float = 0.0  # the teacher's per-column slip rate (ToyProblem.thought); drawn afresh at every visit
 
 
-def encode(tokenizer, problem: ToyProblem) -> tuple[list[int], int]:
-    """(token ids of prompt + response + EOS, prompt length)."""
+def encode(tokenizer, problem: ToyProblem, response: str | None = None) -> tuple[list[int], int]:
+    """(token ids of prompt + response + EOS, prompt length); ``response`` defaults to the gold one."""
     prompt = render_prompt(tokenizer, problem.messages())
-    response = list(tokenizer.encode(problem.response(), add_special_tokens=False))
-    return prompt + response + [tokenizer.eos_token_id], len(prompt)
+    response_ids = list(tokenizer.encode(problem.response() if response is None else response,
+                                         add_special_tokens=False))
+    return prompt + response_ids + [tokenizer.eos_token_id], len(prompt)
 
 
 def collate(examples: Sequence[tuple[list[int], int]], pad_id: int):
@@ -73,7 +79,13 @@ def warm_start(model, tokenizer, problems: Sequence[ToyProblem], cfg: WarmStartC
     "seconds", "stopped_by_time"}."""
     torch.manual_seed(seed)
     rnd = random.Random(f"warm-start-{seed}")
-    examples = [encode(tokenizer, p) for p in problems]
+    prompts = [render_prompt(tokenizer, p.messages()) for p in problems]
+
+    def example(i: int) -> tuple[list[int], int]:
+        response = problems[i].response(rnd, cfg.slip) if cfg.slip > 0 else problems[i].response()
+        ids = list(tokenizer.encode(response, add_special_tokens=False))
+        return prompts[i] + ids + [tokenizer.eos_token_id], len(prompts[i])
+
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -90,9 +102,9 @@ def warm_start(model, tokenizer, problems: Sequence[ToyProblem], cfg: WarmStartC
             stopped_by_time = True
             break
         if len(order) < cfg.batch_size:
-            order = list(range(len(examples)))
+            order = list(range(len(problems)))
             rnd.shuffle(order)
-        batch = [examples[order.pop()] for _ in range(cfg.batch_size)]
+        batch = [example(order.pop()) for _ in range(cfg.batch_size)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = response_loss(model, *collate(batch, tokenizer.pad_token_id))
