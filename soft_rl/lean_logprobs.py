@@ -89,19 +89,15 @@ def head_logprobs(
     temperature: torch.Tensor,
     slots: torch.Tensor,
     density: str,
-    noise: str | RowNoise,
-    noise_scale: float = 1.0,
-    clamp: tuple[float, float] | None = (-1.5, 3.0),
-    dirichlet_alpha: float = 1.0,
+    noise: RowNoise,
     with_entropy: bool = False,
     entropy_grad: bool = True,
 ):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
     ``disc_logits`` [Nd, V] at the discrete positions and ``soft_logits`` [Ns, K] (logits at the stored
-    ids) at the soft ones, both in position order. ``noise``: one kind for every row (with the scalar
-    settings after it), or a ``RowNoise`` over all N positions (each row its own request's settings).
-    With ``with_entropy``: (log-probs, entropies [N]),
-    full-vocabulary at discrete positions, over the K density slots at soft ones (differentiable only
+    ids) at the soft ones, both in position order. ``noise``: each of the N positions' request noise
+    settings (``MicroBatch.noise``). With ``with_entropy``: (log-probs, entropies [N]), full-vocabulary
+    at discrete positions, over the K density slots at soft ones (differentiable only
     with ``entropy_grad``: a metric-only entropy builds no graph)."""
     N = is_soft.shape[0]
     out = torch.zeros(N, dtype=torch.float32, device=is_soft.device)
@@ -117,11 +113,7 @@ def head_logprobs(
                 ent = ent.index_put((disc,), entropy_from_logits(z))
     if soft.numel():
         z = soft_logits.float() / temperature[soft, None]
-        if isinstance(noise, RowNoise):
-            lp = soft_logprob_rows(z, noisy[soft], density, noise.take(soft), slots[soft])
-        else:
-            lp = soft_logprob(z, noisy[soft], density, noise_scale, noise=noise, valid=slots[soft], clamp=clamp,
-                              dirichlet_alpha=dirichlet_alpha)
+        lp = soft_logprob_rows(z, noisy[soft], density, noise.take(soft), slots[soft])
         out = out.index_put((soft,), lp.float())
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from soft_rl.losses import compute_advantages, ppo_policy_loss
+from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, compute_advantages, ppo_policy_loss
 from soft_rl.reference import teacher_forced_logprobs
 from soft_rl.trajectory import Trajectory
 
@@ -77,10 +77,10 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     for _ in range(cfg.ppo_epochs):
         for idx in chunks:
             optimizer.zero_grad(set_to_none=True)
-            if cfg.agg == "micro-batch-token-mean":
+            if cfg.agg in PER_MICRO_BATCH_AGGREGATIONS:
                 # verl 0.4: loss = sum over micro-batches of token-mean(micro-batch) / number of micro-batches
                 if cfg.micro_batch_seqs is None:
-                    raise ValueError("agg='micro-batch-token-mean' needs micro_batch_seqs")
+                    raise ValueError(f"agg={cfg.agg!r} needs micro_batch_seqs")
                 micro = idx.split(cfg.micro_batch_seqs)
                 for mi in micro:
                     loss, m = mini_batch_loss(mi, "token-mean")

@@ -35,15 +35,7 @@ class WarmStartConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_seconds: float | None = None  # wall-clock cap (None: none)
-    slip: float = 0.0  # the teacher's per-column slip rate (ToyProblem.thought); drawn afresh at every visit
-
-
-def encode(tokenizer, problem: ToyProblem, response: str | None = None) -> tuple[list[int], int]:
-    """(token ids of prompt + response + EOS, prompt length); ``response`` defaults to the gold one."""
-    prompt = render_prompt(tokenizer, problem.messages())
-    response_ids = list(tokenizer.encode(problem.response() if response is None else response,
-                                         add_special_tokens=False))
-    return prompt + response_ids + [tokenizer.eos_token_id], len(prompt)
+    slip: float = 0.0  # the teacher's per-column slip rate (ToyProblem.worked); drawn afresh at every visit
 
 
 def collate(examples: Sequence[tuple[list[int], int]], pad_id: int):
@@ -82,8 +74,9 @@ def warm_start(model, tokenizer, problems: Sequence[ToyProblem], cfg: WarmStartC
     prompts = [render_prompt(tokenizer, p.messages()) for p in problems]
 
     def example(i: int) -> tuple[list[int], int]:
-        response = problems[i].response(rnd, cfg.slip) if cfg.slip > 0 else problems[i].response()
-        ids = list(tokenizer.encode(response, add_special_tokens=False))
+        """(token ids of prompt + response + EOS, prompt length); with ``cfg.slip`` the teacher's slips are
+        drawn afresh at every visit."""
+        ids = list(tokenizer.encode(problems[i].response(rnd, cfg.slip), add_special_tokens=False))
         return prompts[i] + ids + [tokenizer.eos_token_id], len(prompts[i])
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
