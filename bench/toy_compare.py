@@ -35,13 +35,13 @@ METHODS = {"grpo": "rollout.soft=false", "softgrpo": "rollout.soft=true"}
 DECODINGS = ("soft", "discrete")
 
 
-def train_run(toy: Path, out: Path, method: str, seed: int, steps: int) -> list[dict]:
+def train_run(toy: Path, out: Path, method: str, seed: int, steps: int | None) -> list[dict]:
     from soft_rl.config import load_config
     from workers.driver import train
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
         f"model.path={toy / 'model'}", f"data.train_files=[{toy / 'train.jsonl'}]", METHODS[method],
-        f"trainer.seed={seed}", f"trainer.steps={steps}", "trainer.eval_every=0", "trainer.save_every=0",
+        f"trainer.seed={seed}", *([f"trainer.steps={steps}"] if steps else []), "trainer.eval_every=0", "trainer.save_every=0",
         f"trainer.out_dir={out}", "trainer.export_final=true"])
     return train(cfg, log=lambda s: print(f"  {s}", flush=True), progress=False)
 
@@ -109,12 +109,16 @@ def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the preset's)")
     ap.add_argument("--problems", type=int, default=100, help="held-out problems evaluated")
     ap.add_argument("--n", type=int, default=16, help="samples per held-out problem")
     ap.add_argument("--toy-dir", default=str(ROOT / ".cache" / "toy"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "toy_compare"))
     args = ap.parse_args(argv)
+    if args.steps is None:
+        from soft_rl.config import load_config
+
+        args.steps = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["model.path=x"]).trainer.steps
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
     from soft_rl.toy import toy_init
 

@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
+from soft_rl.lr_schedule import LR_SCHEDULES
 from soft_rl.sampling import SoftSamplingParams
 
 
@@ -91,6 +92,9 @@ class LearnerConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     lr: float = 1e-6
+    lr_schedule: str = "constant"  # constant | cosine | linear (soft_rl/lr_schedule.py), a function of the RL step
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the decaying schedules end at min_lr_ratio * lr
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -207,6 +211,10 @@ def validate(cfg: Config) -> None:
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
     _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
     _check(lr.micro_batch_seqs is None or lr.micro_batch_seqs >= 1, "learner.micro_batch_seqs", "must be >= 1 or null")
+    _check(lr.lr > 0, "learner.lr", "must be > 0")
+    _check(lr.lr_schedule in LR_SCHEDULES, "learner.lr_schedule", f"must be one of {list(LR_SCHEDULES)}")
+    _check(lr.lr_warmup_steps >= 0, "learner.lr_warmup_steps", "must be >= 0")
+    _check(0.0 <= lr.min_lr_ratio <= 1.0, "learner.min_lr_ratio", "must be in [0, 1]")
     _check(lr.kl_kind in ("k1", "k2", "k3", "low_var_kl"), "learner.kl_kind", "must be k1, k2 or k3")
     _check(lr.dual_clip is None or lr.dual_clip > 1, "learner.dual_clip", "must be > 1 or null")
     _check(len(lr.betas) == 2, "learner.betas", "must be [beta1, beta2]")

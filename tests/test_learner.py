@@ -7,6 +7,7 @@ import torch
 
 from soft_rl.config import LearnerConfig
 from soft_rl.losses import compute_advantages
+from soft_rl.lr_schedule import set_learning_rate
 from soft_rl.reference import generate
 from soft_rl.sampling import SoftSamplingParams
 from soft_rl.single_process import UpdateConfig, grpo_update
@@ -55,8 +56,13 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     steps = 2
     ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef, agg=cfg.loss_agg,
                         micro_batch_seqs=cfg.micro_batch_seqs)
-    ref_norms = [grpo_update(ref_model, opt, trajs, rewards, group, ucfg, ref_model=frozen, per_step_metrics=True)
-                 for _ in range(steps)]
+    # a per-step learning rate (the driver's schedule) that the learners must apply, not their cfg.lr
+    lrs = [cfg.lr, 0.4 * cfg.lr]
+    ref_norms = []
+    for step in range(steps):
+        set_learning_rate(opt, lrs[step])
+        ref_norms.append(grpo_update(ref_model, opt, trajs, rewards, group, ucfg, ref_model=frozen,
+                                     per_step_metrics=True))
     # two DeepSpeed ranks
     learners = LearnerGroup(path, cfg)
     kls = []
@@ -68,7 +74,7 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
             for j, idx in enumerate(chunks):
                 ii = idx.tolist()
                 m = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
-                                              None if ref is None else [ref[i] for i in ii])
+                                              None if ref is None else [ref[i] for i in ii], lr=lrs[step])
                 assert m["skipped_steps"] == 0
                 # the gradient itself (before clipping) matches: catches loss-scale errors Adam would hide
                 assert m["grad_norm"] == pytest.approx(ref_norms[step][j], rel=1e-4)

@@ -35,6 +35,7 @@ from soft_rl.config import Config, load_config, to_yaml, validate_device
 from soft_rl.data import Problem, filter_overlong, load_problems, render_prompt
 from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.losses import compute_advantages
+from soft_rl.lr_schedule import learning_rate
 
 
 def step_seed(seed: int, step: int, index: int) -> int:
@@ -238,11 +239,14 @@ def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool
                     "not hold the learners' weights (a failed or partial weight sync, or a model/dtype mismatch)")
             t_old = time.perf_counter()
             metrics: dict = {}
+            lr = learning_rate(lc.lr, step, cfg.trainer.steps, schedule=lc.lr_schedule,
+                               warmup_steps=lc.lr_warmup_steps, min_lr_ratio=lc.min_lr_ratio)
             for _ in range(lc.ppo_epochs):
                 for idx in torch.arange(len(trajs)).chunk(lc.mini_batches):
                     ii = idx.tolist()
                     metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
-                                                        None if ref is None else [ref[i] for i in ii])
+                                                        None if ref is None else [ref[i] for i in ii], lr=lr)
+            metrics["lr"] = lr
             t_upd = time.perf_counter()
             sync = sync_engines()
             t_end = time.perf_counter()

@@ -32,6 +32,7 @@ from soft_rl.config import LearnerConfig
 from soft_rl.lean_logprobs import head_logprobs
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, aggregate_parts, kl_penalty, ppo_token_losses
+from soft_rl.lr_schedule import set_learning_rate
 from soft_rl.trajectory import Trajectory
 
 
@@ -233,9 +234,12 @@ class LearnerWorker:
 
     def train_mini_batch(self, micro_batches: list[list[Trajectory]], advantages: list[torch.Tensor],
                          old: list[list[torch.Tensor]], ref: list[list[torch.Tensor]] | None,
-                         denominator: float, norm_length: int | None) -> dict[str, float]:
-        """Accumulate every micro-batch's share of the global loss, then one optimizer step."""
+                         denominator: float, norm_length: int | None, lr: float | None = None) -> dict[str, float]:
+        """Accumulate every micro-batch's share of the global loss, then one optimizer step (at ``lr``, the
+        schedule's rate for this RL step, when given)."""
         c = self.cfg
+        if lr is not None:
+            set_learning_rate(self.optimizer, lr)
         self.engine.train()
         sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "logratio": 0.0, "entropy": 0.0}
         for i, trajs in enumerate(micro_batches):
@@ -415,7 +419,7 @@ class LearnerGroup:
         return out  # type: ignore[return-value]
 
     def train_mini_batch(self, trajs: Sequence[Trajectory], advantages: torch.Tensor, old: Sequence[torch.Tensor],
-                         ref: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+                         ref: Sequence[torch.Tensor] | None = None, lr: float | None = None) -> dict[str, float]:
         shards, idx = self._shard(trajs)
         if self.cfg.loss_agg in PER_MICRO_BATCH_AGGREGATIONS:  # the mean of the micro-batches' own means
             den = float(sum(1 for rank in idx for mb in rank if mb))
@@ -428,7 +432,7 @@ class LearnerGroup:
             adv = [advantages[mb] if mb else torch.zeros(0) for mb in idx[r]]
             o = [[old[i] for i in mb] for mb in idx[r]]
             rf = None if ref is None else [[ref[i] for i in mb] for mb in idx[r]]
-            calls.append(a.train_mini_batch.remote(shards[r], adv, o, rf, den, self.norm_length))
+            calls.append(a.train_mini_batch.remote(shards[r], adv, o, rf, den, self.norm_length, lr))
         parts = ray.get(calls)
         tokens = max(sum(p["tokens"] for p in parts), 1.0)
         return {
