@@ -41,8 +41,8 @@ def train_run(toy: Path, out: Path, method: str, seed: int, steps: int | None) -
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
         f"model.path={toy / 'model'}", f"data.train_files=[{toy / 'train.jsonl'}]", METHODS[method],
-        f"trainer.seed={seed}", *([f"trainer.steps={steps}"] if steps else []), "trainer.eval_every=0", "trainer.save_every=0",
-        f"trainer.out_dir={out}", "trainer.export_final=true"])
+        f"trainer.seed={seed}", *([f"trainer.steps={steps}"] if steps else []), "trainer.eval_every=0",
+        "trainer.save_every=0", f"trainer.out_dir={out}", "trainer.export_final=true"])
     return train(cfg, log=lambda s: print(f"  {s}", flush=True), progress=False)
 
 

@@ -21,7 +21,7 @@ def test_decays_from_the_base_rate_to_the_floor_at_the_last_step(schedule):
     assert rates[0] == pytest.approx(lr) and rates[-1] == pytest.approx(floor * lr)
     # halfway through, both shapes are at the midpoint of base and floor
     assert rates[50] == pytest.approx((lr + floor * lr) / 2)
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in zip(rates[:-1], rates[1:], strict=True))
     if schedule == "cosine":  # (1 + cos(pi/4)) / 2 of the way down at a quarter
         assert rates[25] == pytest.approx(floor * lr + (lr - floor * lr) * (1 + math.cos(math.pi / 4)) / 2)
     else:
