@@ -64,9 +64,10 @@ def gamma_logpdf(x: torch.Tensor, conc: torch.Tensor) -> torch.Tensor:
 
 
 def normal_logpdf(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2)."""
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
-    return -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2.0 * math.pi)
+    """log N(x; mean, std^2). A Python-float ``std`` stays a scalar operand: making it a device tensor
+    would be a host-to-device copy, which blocks CUDA-graph capture (audit item 11)."""
+    log_std = math.log(std) if isinstance(std, (int, float)) else torch.log(std)
+    return -0.5 * ((x - mean) / std) ** 2 - log_std - 0.5 * math.log(2.0 * math.pi)
 
 
 def soft_logprob(

@@ -55,11 +55,12 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
 
     Returns the last mini-batch's metrics, or with ``per_step_metrics`` the gradient norm of every
     optimizer step."""
-    adv = compute_advantages(cfg.advantage, rewards, group)
+    dev = next(model.parameters()).device
+    adv = compute_advantages(cfg.advantage, rewards, group).to(dev)
     with torch.no_grad():
         old = pad_logprobs(teacher_forced_logprobs(model, trajs, cfg.density))
         ref = pad_logprobs(teacher_forced_logprobs(ref_model, trajs, cfg.density)) if ref_model is not None else None
-    mask = loss_mask(trajs)
+    mask = loss_mask(trajs).to(dev)
     n = len(trajs)
     chunks = torch.arange(n).chunk(cfg.mini_batches)
     metrics: dict[str, float] = {}

@@ -76,12 +76,15 @@ class GuardedAdamW(torch.optim.AdamW):
         self.skipped = 0
 
     def step(self, closure=None):
-        finite = torch.ones(1)
+        # one flag for all ranks; NCCL reduces only CUDA tensors (the gradients may be on the host: offload)
+        dist = torch.distributed.is_initialized()
+        on_gpu = dist and torch.distributed.get_backend() == "nccl"
+        finite = torch.ones(1, device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    finite.zero_()
-        if torch.distributed.is_initialized():
+                if p.grad is not None:
+                    finite.mul_(torch.isfinite(p.grad).all().to(finite.device))  # no host sync per tensor
+        if dist:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1:
             self.skipped += 1
@@ -168,8 +171,8 @@ class LearnerWorker:
                            "bf16": {"enabled": self.dtype == "bfloat16"}, "steps_per_print": 1 << 30}
                 self.ref, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
                 self._register_head(self.ref.module)
-            else:
-                self.ref = ref.to(torch_dtype)
+            else:  # on the learner's device (it stayed on the host before: audit item 10)
+                self.ref = ref.to(device=self._device(), dtype=torch_dtype)
         return self.rank
 
     def _register_head(self, module: PolicyWithSoftHead) -> None:
@@ -250,14 +253,15 @@ class LearnerWorker:
                                                       entropy_grad=bool(c.entropy_coef))
             logp = pad_rows(flat, lengths)
             ent = pad_rows(flat_ent, lengths)
-            old_lp = pad_rows(torch.cat(old[i]), lengths)
-            mask = pad_rows(torch.cat([(~t.forced).float() for t in trajs]), lengths)
-            per_token, parts = ppo_token_losses(logp, old_lp, advantages[i], clip_low=c.clip_low,
+            dev = logp.device  # the inputs below arrive from Ray on the host
+            old_lp = pad_rows(torch.cat(old[i]).to(dev), lengths)
+            mask = pad_rows(torch.cat([(~t.forced).float() for t in trajs]).to(dev), lengths)
+            per_token, parts = ppo_token_losses(logp, old_lp, advantages[i].to(dev), clip_low=c.clip_low,
                                                 clip_high=c.clip_high, dual_clip=c.dual_clip)
             num, _ = aggregate_parts(per_token, mask, c.loss_agg, norm_length)
             loss = num / denominator
             if ref is not None and c.kl_coef:
-                ref_lp = pad_rows(torch.cat(ref[i]), lengths)
+                ref_lp = pad_rows(torch.cat(ref[i]).to(dev), lengths)
                 kl_num, _ = aggregate_parts(kl_penalty(logp, ref_lp, c.kl_kind), mask, c.loss_agg, norm_length)
                 loss = loss + c.kl_coef * kl_num / denominator
                 sums["kl"] += float(kl_num)
@@ -302,7 +306,8 @@ class LearnerWorker:
             out.append((name, tuple(p.ds_shape) if hasattr(p, "ds_shape") else shape, dtype))  # ZeRO-3: full shape
         return out
 
-    def _sync_device(self) -> torch.device:
+    def _device(self) -> torch.device:
+        """This rank's device: its one GPU (Ray sets CUDA_VISIBLE_DEVICES), or the host."""
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
 
     def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
@@ -310,7 +315,7 @@ class LearnerWorker:
 
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 joins the weight broadcast group")
-        self._weight_group = open_group(self.backend, host, port, 0, world_size, timeout_s, self._sync_device())
+        self._weight_group = open_group(self.backend, host, port, 0, world_size, timeout_s, self._device())
         return 0
 
     def broadcast_weights(self, layout) -> int:
@@ -329,7 +334,7 @@ class LearnerWorker:
             ps = [params[n] for n in bucket.names]
             with torch.no_grad(), deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
                 if self.rank == 0:
-                    send(group, pack(bucket, ps, self._sync_device()))
+                    send(group, pack(bucket, ps, self._device()))
                     sent += len(ps)
         return sent
 

@@ -25,6 +25,7 @@ Engine settings that matter for correctness (set by the constructor, overridable
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -41,6 +42,22 @@ from soft_rl.trajectory import Trajectory
 _ROOT = str(Path(__file__).resolve().parents[2])
 PREFIX_CACHING_MODES = ("off", "prompt")
 PREFIX_CACHING_DEFAULT = "prompt"  # exact (tests/test_prefix_cache.py): prompts shared, generated blocks never
+
+
+def force_v1_model_runner() -> None:
+    """``VLLM_USE_V2_MODEL_RUNNER=0`` in this process (and the engine's worker processes, which inherit it).
+
+    vLLM 0.32 picks Model Runner V2 by default on GPU; the soft-thinking hooks live in the V1 runner
+    (``runner.py``). Called before the engine is built; a user's ``=1`` is overridden with a warning.
+    """
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip().lower() not in ("0", "false"):
+        logging.getLogger(__name__).warning("VLLM_USE_V2_MODEL_RUNNER=%s overridden to 0: soft thinking runs on "
+                                            "vLLM's V1 model runner", os.environ["VLLM_USE_V2_MODEL_RUNNER"])
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    import vllm.envs as envs
+
+    if hasattr(envs.__getattr__, "cache_clear"):  # an earlier engine in this process froze vLLM's env cache
+        envs.__getattr__.cache_clear()
 
 
 def _is_cpu_platform() -> bool:
@@ -87,6 +104,7 @@ class SoftEngine:
         pp = os.environ.get("PYTHONPATH", "")
         if _ROOT not in pp.split(os.pathsep):
             os.environ["PYTHONPATH"] = _ROOT + (os.pathsep + pp if pp else "")
+        force_v1_model_runner()
         self.max_k = max_k
         self.max_new_tokens = max_new_tokens
         self.prefix_caching = prefix_caching

@@ -45,8 +45,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from soft_rl.densities import DENSITY_MODES, NOISE_KINDS
-from soft_rl.rng import NoiseCounters
-from soft_rl.sampling import SoftSamplingParams, mix_rows, soft_sample
+from soft_rl.sampling import SoftSamplingParams
 from workers.vllm_soft.state import SoftStateStore
 
 EXTRA_KEY = "soft_rl"  # SamplingParams.extra_args[EXTRA_KEY] = request dict (see engine.request_dict)
@@ -176,12 +175,9 @@ class SoftThinkingMixin:
         if step.size == 0:
             return out
         idx = torch.from_numpy(np.stack([tok_slot, step, flat])).to(self.device, non_blocking=True)
-        ids, w = self._soft_store.inputs(idx[0], idx[1])
-        N, K = ids.shape
-        rows_emb = self.model.embed_input_ids(ids.reshape(-1))  # [N*K, H], vocab-parallel aware
-        mixed = mix_rows(rows_emb.view(N, K, -1), w)
+        mixed = self._soft_store.mixed_inputs(self.model.embed_input_ids, idx[0], idx[1])
         inputs_embeds.index_copy_(0, idx[2], mixed.to(inputs_embeds.dtype))
-        self._soft_stats["mixed_inputs"] += int(N)
+        self._soft_stats["mixed_inputs"] += int(step.size)
         return out
 
     # ------------------------------------------------------------------ sampling
@@ -208,15 +204,8 @@ class SoftThinkingMixin:
         candidates = int(need.max())
         kinds = tuple(NOISE_KINDS[c] for c in sorted(set(store.noise_code[slots].tolist())))
 
-        tracker = store.tracker(slots_t)
-        batch = store.batch(slots_t, tracker)
-        # without a thinking budget in the batch nothing can be forced: skip the forcing ops
-        force = tracker.forced_tokens() if store.has_budget[slots].any() else None
-        o = soft_sample(z, batch, NoiseCounters(batch.seed, steps_t), force_token=force,
-                        density=self._soft_density, candidates=candidates, kinds=kinds)
-        o, _, forced = tracker.advance(o)
-        store.put_tracker(slots_t, tracker)
-        store.record(slots_t, steps_t, o, forced)
+        o = store.sample_step(z, slots_t, steps_t, has_budget=bool(store.has_budget[slots].any()),
+                              density=self._soft_density, candidates=candidates, kinds=kinds)
 
         store.n_steps[slots] = steps + 1
         if self._soft_debug_slots:

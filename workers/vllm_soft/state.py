@@ -12,10 +12,11 @@ Per slot it holds:
     so the phase logic is the core one, not a copy;
   * the per-position history of the generated steps: every field of the core ``SampleOutput`` (K ids,
     K noisy values, K mixture weights, kept slots, emitted token, is_soft, log-probs) plus the forced
-    flag; buffers are created from the first recorded step, so new core fields are carried along
+    flag; their shapes come from a one-row prototype step, so new core fields are carried along
     without changes here. The weights are the next input
     (sum_k w_k E[i_k]) of that position, for decode and for re-prefill after preemption (recompute);
     the rest is the request's output, read once when it finishes.
+Every buffer is allocated when the store is built or resized, never during a step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from soft_rl.phase import PhaseTracker
-from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSamplingParams
+from soft_rl.rng import NoiseCounters
+from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSamplingParams, mix_rows, soft_sample
 
 # Phase-dependent SamplingBatch columns come from the phase state each step (as in soft_rl.reference.generate);
 # every other column is a fixed per-request parameter.
@@ -81,15 +83,31 @@ class SoftStateStore:
             groups.setdefault(getattr(proto, name).dtype, []).append(name)
         return groups
 
+    def _history_fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(trailing shape, dtype) of every history field: those of ``soft_sample``'s output on a one-row
+        prototype (so new core fields are carried along), plus the forced flag."""
+        proto = soft_sample(torch.zeros(1, max(self.width, 2), device=self.device),
+                            SamplingBatch.from_params([SoftSamplingParams(k=self.width)], device=self.device,
+                                                      width=self.width),
+                            NoiseCounters(torch.zeros(1, dtype=torch.int64, device=self.device),
+                                          torch.zeros(1, dtype=torch.int64, device=self.device)),
+                            candidates=max(self.width, 2), kinds=("gumbel",))
+        spec = {f.name: (tuple(getattr(proto, f.name).shape[1:]), getattr(proto, f.name).dtype) for f in fields(proto)}
+        spec["forced"] = ((), torch.bool)
+        return spec
+
     def _resize(self, slots: int, gen_len: int) -> None:
+        """(Re)allocate every buffer, history included, up front: the engine sizes the store before vLLM
+        sizes its KV cache, so nothing here is allocated later (``record`` never allocates)."""
         new = self._empty(slots, gen_len)
         s, g = self.slots, min(self.gen_len, gen_len)
         for name, buf in self.t.items():
             new[name][:s] = buf[:s]
         self.t = new
-        for name, buf in list(self.h.items()):
-            hb = torch.zeros((slots, gen_len) + tuple(buf.shape[2:]), dtype=buf.dtype, device=self.device)
-            hb[:s, :g] = buf[:s, :g]
+        for name, (shape, dtype) in self._history_fields().items():
+            hb = torch.zeros((slots, gen_len) + shape, dtype=dtype, device=self.device)
+            if name in self.h:
+                hb[:s, :g] = self.h[name][:s, :g]
             self.h[name] = hb
         self.free.extend(range(slots - 1, self.slots - 1, -1))  # pop() hands out low slots first
         self.need_c = np.concatenate([self.need_c, np.zeros(slots - self.slots, dtype=np.int64)])
@@ -174,15 +192,39 @@ class SoftStateStore:
         values["forced"] = forced
         flat = slots * self.gen_len + steps
         for name, v in values.items():
-            if name not in self.h:
-                self.h[name] = torch.zeros((self.slots, self.gen_len) + tuple(v.shape[1:]), dtype=v.dtype,
-                                           device=self.device)
             self._flat(name).index_copy_(0, flat, v)
 
     def inputs(self, slots: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N, K], weights [N, K]) of the input that follows generated step ``steps`` of ``slots``."""
         flat = slots * self.gen_len + steps
         return self._flat("ids").index_select(0, flat), self._flat("weights").index_select(0, flat)
+
+    # ----------------------------------------------------------------- the device work of one engine step
+    def sample_step(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, *, has_budget: bool,
+                    density: str, candidates: int, kinds: tuple[str, ...]) -> SampleOutput:
+        """One decode step of these slots from their ``logits`` [N, V]: gather the phase state and the
+        parameters, ``soft_sample``, advance the phase, write the state and the history back.
+
+        Pure device work: every shape and branch is fixed by the host-side hints (``has_budget``,
+        ``candidates``, ``kinds``), so it makes no host synchronisation and compiles with
+        ``torch.compile(fullgraph=True)`` (tests/test_gpu_proxies.py)."""
+        tracker = self.tracker(slots)
+        batch = self.batch(slots, tracker)
+        # without a thinking budget in the batch nothing can be forced: skip the forcing ops
+        force = tracker.forced_tokens() if has_budget else None
+        out = soft_sample(logits, batch, NoiseCounters(batch.seed, steps), force_token=force, density=density,
+                          candidates=candidates, kinds=kinds)
+        out, _, forced = tracker.advance(out)
+        self.put_tracker(slots, tracker)
+        self.record(slots, steps, out, forced)
+        return out
+
+    def mixed_inputs(self, embed, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The soft inputs that follow generated step ``steps`` of ``slots``: sum_k w_k E[i_k], [N, H]
+        (``embed`` maps ids to embedding rows: the model's own, vocabulary-parallel aware)."""
+        ids, w = self.inputs(slots, steps)
+        N, K = ids.shape
+        return mix_rows(embed(ids.reshape(-1)).view(N, K, -1), w)
 
     def extract(self, slot: int, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` generated positions of a slot (every history field, keyed by SampleOutput

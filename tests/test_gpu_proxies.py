@@ -1,0 +1,150 @@
+"""CPU proxies of GPU behaviour (audit in docs/design/gpu-audit.md).
+
+* The rollout's per-step device work (``SoftStateStore.sample_step``: sampler, phase tracker, history;
+  ``SoftStateStore.mixed_inputs``: the next soft inputs) compiles with ``torch.compile(fullgraph=True)``,
+  which fails on any graph break, host synchronisation (``.item()``, ``.tolist()``, ``bool(tensor)``)
+  included: on a GPU the same code then runs without host syncs and can be captured in a CUDA graph.
+  Compiled and eager steps give equal tokens, noisy values, weights, log-probs and state. Dynamo
+  traces ``.item()`` into a symbolic scalar rather than breaking the graph, so the same steps also run
+  on the meta device, where any host read of a device value raises.
+* The engine switches vLLM's Model Runner V2 off itself (the soft hooks live in the V1 runner).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from soft_rl.sampling import SoftSamplingParams
+from workers.vllm_soft.state import SoftStateStore
+
+V, WIDTH, MARKER = 48, 5, 3
+
+# one of each kind of request a step can mix: soft with each noise, discrete, a thinking budget
+REQUESTS = [
+    SoftSamplingParams(seed=1),
+    SoftSamplingParams(seed=2, noise="gaussian", noise_clamp=None, thinking_budget=3),
+    SoftSamplingParams(seed=3, noise="dirichlet", noise_clamp=None, dirichlet_alpha=2.0),
+    SoftSamplingParams(seed=4, noise="none", k=3),
+    SoftSamplingParams(seed=5, soft=False, top_k=8, answer_top_k=8, thinking_budget=2),
+    SoftSamplingParams(seed=6, temperature=0.7, answer_temperature=1.0, top_p=0.8),
+]
+
+
+def _store() -> tuple[SoftStateStore, torch.Tensor]:
+    store = SoftStateStore(8, 12, WIDTH, 4, "cpu", V)
+    slots = torch.tensor([store.allocate(p, [V - 3, V - 2, V - 1][:MARKER], 12) for p in REQUESTS])
+    return store, slots
+
+
+def _hints(store: SoftStateStore, slots: torch.Tensor) -> dict:
+    """The host-side hints the runner passes (from the store's host arrays, never the device)."""
+    from soft_rl.densities import NOISE_KINDS
+
+    s = slots.numpy()
+    return dict(has_budget=bool(store.has_budget[s].any()), candidates=int(store.need_c[s].max()),
+                kinds=tuple(NOISE_KINDS[c] for c in sorted(set(store.noise_code[s].tolist()))))
+
+
+def _run(store, slots, step_fn, mix_fn, embed, steps=6, density="official"):
+    g = torch.Generator().manual_seed(0)
+    outs, mixes = [], []
+    for s in range(steps):
+        logits = torch.randn(len(slots), V, generator=g) * 3
+        steps_t = torch.full((len(slots),), s, dtype=torch.int64)
+        outs.append(step_fn(logits, slots, steps_t, density=density, **_hints(store, slots)))
+        mixes.append(mix_fn(embed, slots, steps_t))
+    return outs, mixes
+
+
+@pytest.mark.parametrize("density", ["official", "exact"])
+def test_engine_step_compiles_without_graph_breaks_and_equals_eager(density):
+    torch._dynamo.reset()
+    emb = torch.nn.Embedding(V, 16)
+    embed = emb.weight.detach().__getitem__  # ids -> rows, as the model's embed_input_ids
+
+    eager, slots = _store()
+    compiled = copy.deepcopy(eager)
+    e_out, e_mix = _run(eager, slots, eager.sample_step, eager.mixed_inputs, embed, density=density)
+    # fullgraph=True raises on any graph break; aot_eager traces through AOTAutograd without a C++ compiler
+    step = torch.compile(compiled.sample_step, fullgraph=True, backend="aot_eager")
+    mix = torch.compile(compiled.mixed_inputs, fullgraph=True, backend="aot_eager")
+    c_out, c_mix = _run(compiled, slots, step, mix, embed, density=density)
+
+    saw_soft = saw_forced = False
+    for a, b in zip(e_out, c_out, strict=True):
+        for f in ("ids", "token", "is_soft", "kept"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        for f in ("noisy", "weights", "logprob", "token_logprob"):
+            torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-6, atol=1e-6, msg=f)
+        saw_soft |= bool(a.is_soft.any())
+    for a, b in zip(e_mix, c_mix, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for name in eager.t:
+        assert torch.equal(eager.t[name], compiled.t[name]), name
+    for name in eager.h:
+        torch.testing.assert_close(eager.h[name], compiled.h[name], rtol=1e-6, atol=1e-6, msg=name)
+    saw_forced = bool(eager.h["forced"].any())
+    # the steps exercised what a real batch mixes: soft steps, forced marker tokens, the answer phase
+    assert saw_soft and saw_forced and not bool(eager.t["thinking"][slots].all())
+
+
+def _meta_steps(step_fn, steps: int = 3) -> None:
+    """Engine steps with every tensor on the meta device: shapes and dtypes only, no values, so any read
+    of a device value on the host (``.item()``, ``bool(t)``, ``.tolist()``, data-dependent shapes) raises."""
+    store = SoftStateStore(8, 12, WIDTH, 4, "meta", V)
+    slots = torch.tensor([store.allocate(p, [V - 3, V - 2, V - 1][:MARKER], 12) for p in REQUESTS])
+    hints, dev = _hints(store, slots), slots.to("meta")
+    embed = torch.empty(V, 16, device="meta").__getitem__
+    for s in range(steps):
+        steps_t = torch.full((len(REQUESTS),), s, dtype=torch.int64, device="meta")
+        out = step_fn(store, torch.empty(len(REQUESTS), V, device="meta"), dev, steps_t, density="official", **hints)
+        mixed = store.mixed_inputs(embed, dev, steps_t)
+        assert out.token.shape == (len(REQUESTS),) and mixed.shape == (len(REQUESTS), 16)
+
+
+def test_engine_step_reads_nothing_back_to_the_host():
+    """The complement of fullgraph (which recent Dynamo passes for ``.item()`` by tracing it into a
+    symbolic scalar): the step runs on meta tensors, so it makes no host read a GPU would sync on."""
+    _meta_steps(lambda store, *a, **kw: store.sample_step(*a, **kw))
+
+
+@pytest.mark.parametrize("read", ["item", "branch"])
+def test_a_host_read_in_the_step_fails_the_proxies(read):
+    """The proxies can fail: a step that reads a device value on the host does not pass them."""
+
+    def synced_step(store, logits, slots, steps, **kw):
+        if read == "item":  # a value read back, as the candidate width was before the hints
+            kw["candidates"] = min(V, WIDTH + int(logits.argmax()))
+        elif bool((logits > 0).any()):  # data-dependent control flow
+            kw["has_budget"] = True
+        return store.sample_step(logits, slots, steps, **kw)
+
+    with pytest.raises((RuntimeError, NotImplementedError), match="(?i)meta"):
+        _meta_steps(synced_step, steps=1)
+    if read == "branch":  # a graph break: fullgraph compilation refuses it
+        torch._dynamo.reset()
+        store, slots = _store()
+        step = torch.compile(lambda *a, **kw: synced_step(store, *a, **kw), fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception, match="(?i)graph break|data.dependent"):
+            _run(store, slots, step, store.mixed_inputs, torch.nn.Embedding(V, 4).weight.detach().__getitem__,
+                 steps=1)
+
+
+def test_engine_forces_vllm_v1_model_runner(monkeypatch, caplog):
+    import vllm.envs as envs
+
+    from workers.vllm_soft.engine import force_v1_model_runner
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is True
+    with caplog.at_level(logging.WARNING):
+        force_v1_model_runner()
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is False
+    assert "overridden to 0" in caplog.text
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    force_v1_model_runner()  # unset (vLLM's default: V2 on GPU) -> 0 as well
+    assert envs.VLLM_USE_V2_MODEL_RUNNER is False
