@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test-deps test test-fast lint quickstart clean
+.PHONY: setup test-deps test test-fast test-gpu lint quickstart clean
 
 setup:
 	@bash launch/setup_env.sh
@@ -27,6 +27,11 @@ test: setup test-deps lint
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The GPU suite (tests/gpu; skipped without CUDA). Needs only torch, transformers, numpy and pytest there:
+# DeepSpeed comes from tests/gpu/prepare_wheels.sh's folder (see tests/gpu/run.sh).
+test-gpu:
+	@bash tests/gpu/run.sh
 
 quickstart: setup
 	$(VENV)/bin/soft-rl quickstart

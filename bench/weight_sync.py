@@ -5,8 +5,11 @@ and one rollout worker (vLLM CPU engine) on a local Ray cluster. In the same run
 (a) ``sync_weights`` over both transports: ``object_store`` (gather on the learner, bucketed
 object-store transfer, in-place reload in the engine) and ``broadcast`` (a gloo group of learner
 rank 0 and the engine process, buckets streamed into the reload), and (b) an in-process copy of
-the same bytes (``torch.Tensor.copy_`` of every tensor). Last lines: ``object_store_vs_memcpy=<r>``,
-then ``sync_vs_memcpy=<r>`` for the default transport (broadcast).
+the same bytes (``torch.Tensor.copy_`` of every tensor), and (c) the peak extra host memory of one
+object-store sync (the machine's used memory, MemTotal - MemAvailable, sampled every few milliseconds,
+minus its value just before the sync; the largest over the repeats) as a ratio to the model's size.
+Last lines: ``sync_peak_host_mem_vs_model=<r>``, ``object_store_vs_memcpy=<r>``, then
+``sync_vs_memcpy=<r>`` for the default transport (broadcast).
 
     .venv/bin/python bench/weight_sync.py [--hidden 512 --layers 8 --vocab 32768 --repeats 3]
 """
@@ -48,6 +51,38 @@ def build_bench_model(out: Path, hidden: int, layers: int, vocab: int):
     return sum(p.numel() for p in model.parameters())
 
 
+def used_host_memory() -> int:
+    """Bytes in use on this machine (MemTotal - MemAvailable): every process and the shared-memory
+    object store included."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def peak_extra_memory(fn):
+    """(fn's result, the peak of used host memory while fn ran minus its value before)."""
+    import threading
+
+    before, peak, done = used_host_memory(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], used_host_memory())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        t.join()
+    return result, max(peak[0], used_host_memory()) - before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=512)
@@ -78,21 +113,27 @@ def main() -> None:
         dst = {k: torch.empty_like(v) for k, v in state.items()}
         channel = BroadcastChannel(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600)
         times: dict[str, list[float]] = {"object_store": [], "broadcast": [], "memcpy": []}
+        peaks: list[int] = []
         for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
             t0 = time.perf_counter()
             for k, v in state.items():
                 dst[k].copy_(v)
             times["memcpy"].append(time.perf_counter() - t0)
-            m = sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600)
+            m, extra = peak_extra_memory(lambda: sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600))
             times["object_store"].append(m["sync/total_s"])
+            peaks.append(extra)
             b = sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600, channel=channel)
             times["broadcast"].append(b["sync/total_s"])
         med = {k: statistics.median(v) for k, v in times.items()}
         c = med["memcpy"]
         print(f"bytes={nbytes / 2**20:.1f}MiB buckets={m['sync/buckets']:.0f}/{b['sync/buckets']:.0f} "
-              f"object_store_s={med['object_store']:.3f} (gather {m['sync/gather_s']:.3f}) "
+              f"object_store_s={med['object_store']:.3f} "
               f"broadcast_s={med['broadcast']:.3f} memcpy_s={c:.4f} "
               f"broadcast_GBps={nbytes / med['broadcast'] / 1e9:.2f} memcpy_GBps={nbytes / c / 1e9:.2f}")
+        print(f"object-store sync: peak extra host memory {max(peaks) / 2**20:.1f} MiB per sync (each: "
+              f"{', '.join(f'{p / 2**20:.1f}' for p in peaks)}) for a {nbytes / 2**20:.1f} MiB model, "
+              f"{args.bucket_mb:g} MiB buckets")
+        print(f"sync_peak_host_mem_vs_model={max(peaks) / nbytes:.2f}")
         print(f"object_store_vs_memcpy={med['object_store'] / c:.1f}")
         print(f"sync_vs_memcpy={med['broadcast'] / c:.1f}")
     finally:

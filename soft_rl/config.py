@@ -29,6 +29,9 @@ class ModelConfig:
     path: str = MISSING  # local HF directory (no hub downloads)
     dtype: str = "bfloat16"  # bfloat16 | float32 (learner compute and rollout engine)
     max_model_len: int = 12000
+    # the LM head's output dtype in the engine and the learner: float32 (vLLM's setting for RL consistency)
+    # or "model" (the model dtype, cheaper, less consistent in bf16)
+    head_dtype: str = "float32"
 
 
 @dataclass
@@ -205,6 +208,7 @@ def validate(cfg: Config) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(r.prefix_caching in ("prompt", "off"), "rollout.prefix_caching", "must be prompt or off")
     _check(r.noise_clamp is None or len(r.noise_clamp) == 2, "rollout.noise_clamp", "must be [low, high] or null")
+    _check(cfg.model.head_dtype in ("float32", "model"), "model.head_dtype", "must be float32 or model")
     _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
     _check(lr.density in ("official", "exact"), "learner.density", "must be official or exact")

@@ -18,8 +18,8 @@ import logging
 import pytest
 import torch
 
+from soft_rl.engine_state import SoftStateStore
 from soft_rl.sampling import SoftSamplingParams
-from workers.vllm_soft.state import SoftStateStore
 
 V, WIDTH, MARKER = 48, 5, 3
 
@@ -148,3 +148,53 @@ def test_engine_forces_vllm_v1_model_runner(monkeypatch, caplog):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     force_v1_model_runner()  # unset (vLLM's default: V2 on GPU) -> 0 as well
     assert envs.VLLM_USE_V2_MODEL_RUNNER is False
+
+
+@pytest.mark.slow
+def test_gpu_actor_layout_on_logical_gpus():
+    """``trainer.device=gpu`` on a Ray cluster with 4 logical GPUs (tests/gpu_layout_check.py): the real
+    driver, placement, rollout pool and learner group, with the engine and DeepSpeed replaced by
+    recording stand-ins. Each engine holds its TP GPUs, each learner rank one, with distinct
+    CUDA_VISIBLE_DEVICES, in the planned bundles, with the environment vLLM needs on a GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scenarios = {"tp1": ["rollout.num_engines=2", "rollout.tensor_parallel_size=1"],
+                 "tp2": ["rollout.num_engines=1", "rollout.tensor_parallel_size=2"],
+                 "colocated": ["rollout.num_engines=2", "trainer.colocate=true", "learner.sync_transport=object_store"]}
+    script = Path(__file__).with_name("gpu_layout_check.py")
+    # a GPU user's shell: without the vLLM-on-CPU settings this test session exports (they are forwarded)
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("VLLM_CPU_") or k == "VLLM_HOST_IP")}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(list(scenarios.values()))], capture_output=True,
+                          text=True, timeout=600, env={**env, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(runs) == len(scenarios), proc.stdout[-2000:]
+    for (name, _), run in zip(scenarios.items(), runs, strict=True):
+        engines, learners = run["engines"], run["learners"]
+        tp = 2 if name == "tp2" else 1
+        assert len(engines) == (1 if name == "tp2" else 2) and len(learners) == 2, name
+        for e in engines:
+            assert len(e["gpu_ids"]) == tp and e["cuda_visible_devices"] == ",".join(e["gpu_ids"]), (name, e)
+            kw = e["engine_kwargs"]
+            assert kw["tensor_parallel_size"] == tp and kw["hf_overrides"] == {"head_dtype": "float32"}
+            assert kw.get("distributed_executor_backend") == ("mp" if tp > 1 else None), (name, kw)
+            assert kw.get("enable_sleep_mode", False) == (name == "colocated") and kw["enforce_eager"] is False
+            assert e["env"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+            assert not [k for k in e["env"] if k.startswith("VLLM_CPU_") or k == "VLLM_HOST_IP"], e["env"]
+        for rank, lr in enumerate(learners):
+            assert lr["rank"] == rank and lr["device"] == "gpu" and lr["backend"] == "nccl"
+            assert len(lr["gpu_ids"]) == 1 and lr["cuda_visible_devices"] == lr["gpu_ids"][0], (name, lr)
+        # one placement group holds the whole run
+        assert len({a["placement_group"] for a in engines + learners}) == 1, name
+        engine_gpus = [g for e in engines for g in e["gpu_ids"]]
+        learner_gpus = [g for lr in learners for g in lr["gpu_ids"]]
+        if name == "colocated":  # learner rank i shares engine i's GPU, each pair its own
+            assert learner_gpus == engine_gpus and len(set(engine_gpus)) == 2
+            assert run["bundles"] == [{"CPU": 2.0, "GPU": 1.0}] * 2
+        else:  # four distinct GPUs: engines and learners never share one (so NCCL can join them)
+            assert len(set(engine_gpus + learner_gpus)) == 4
+            assert run["bundles"] == [{"CPU": 1.0, "GPU": float(tp)}] * len(engines) + [{"CPU": 1.0, "GPU": 1.0}] * 2

@@ -119,16 +119,50 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True, d
 
 
 def _train(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool, progress: bool) -> list[dict]:
+    from workers.placement import resolve_device
+
+    device = resolve_device(cfg.trainer.device)
+    validate_device(cfg, device)
+    actors = start_actors(cfg, device)
+    try:
+        return _run(cfg, tok, problems, eval_problems, out, log, resume, progress, actors.pool, actors.learners,
+                    actors.rewards, sleep_engines=cfg.trainer.colocate and device == "gpu", device=device)
+    finally:
+        actors.shutdown()
+
+
+@dataclass
+class Actors:
+    """The run's actors and their placement (``start_actors``)."""
+
+    pool: object = None
+    learners: object = None
+    rewards: object = None
+    layout: object = None
+
+    def shutdown(self) -> None:
+        try:
+            for group in (self.pool, self.learners, self.rewards):
+                if group is not None:
+                    group.shutdown()
+        finally:
+            if self.layout is not None:
+                self.layout.remove()
+
+
+def start_actors(cfg: Config, device: str) -> Actors:
+    """Rollout engines, learner ranks and reward actors, placed by ``workers.placement.plan_actors``
+    (on GPU each engine holds its tensor-parallel GPUs and each learner rank one)."""
     from workers.learner import LearnerGroup
-    from workers.placement import Colocation, resolve_device
+    from workers.placement import plan_actors
     from workers.reward import RewardPool
     from workers.rollout import RolloutPool
 
     r, lc = cfg.rollout, cfg.learner
-    device = resolve_device(cfg.trainer.device)
-    validate_device(cfg, device)
     engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=device != "gpu", max_model_len=cfg.model.max_model_len,
                      max_k=r.k, max_new_tokens=r.max_new_tokens, prefix_caching=r.prefix_caching)
+    if cfg.model.head_dtype == "float32":  # vLLM's documented setting for RL consistency (a no-op in float32)
+        engine_kw["hf_overrides"] = {"head_dtype": "float32"}
     engine_env = {}
     if device == "gpu":
         engine_kw["gpu_memory_utilization"] = r.gpu_memory_utilization
@@ -137,27 +171,23 @@ def _train(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bo
     else:
         engine_env["VLLM_CPU_KVCACHE_SPACE"] = str(r.kv_cache_gb)
     engine_cpus, learner_cpus = (0.5, 0.5) if device == "cpu" else (1.0, 1.0)
-    colocation = Colocation(lc.world_size, learner_cpus, engine_cpus, device == "gpu") if cfg.trainer.colocate \
-        else None
-    pool = learners = rewards_pool = None
+    actors = Actors()
     try:
-        pool = RolloutPool(r.num_engines, cfg.model.path, engine_kw, tensor_parallel_size=r.tensor_parallel_size,
-                           num_cpus_per_worker=engine_cpus, env=engine_env,
-                           actor_options=colocation and [colocation.options(i, "engine") for i in range(r.num_engines)])
-        learners = LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed, device=device,
-                                num_cpus_per_actor=learner_cpus, norm_length=r.max_new_tokens,
-                                actor_options=colocation and [colocation.options(i, "learner")
-                                                              for i in range(lc.world_size)])
-        rewards_pool = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
-                                  timeout_s=cfg.reward.timeout_s)
-        return _run(cfg, tok, problems, eval_problems, out, log, resume, progress, pool, learners, rewards_pool,
-                    sleep_engines=colocation is not None and device == "gpu", device=device)
-    finally:
-        for actors in (pool, learners, rewards_pool):
-            if actors is not None:
-                actors.shutdown()
-        if colocation is not None:
-            colocation.remove()
+        actors.layout = layout = plan_actors(
+            device, num_engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, world_size=lc.world_size,
+            colocate=cfg.trainer.colocate, engine_cpus=engine_cpus, learner_cpus=learner_cpus)
+        actors.pool = RolloutPool(r.num_engines, cfg.model.path, {**engine_kw, **layout.engine_kwargs},
+                                  tensor_parallel_size=r.tensor_parallel_size, num_cpus_per_worker=engine_cpus,
+                                  env=engine_env, actor_options=layout.engine_options)
+        actors.learners = LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
+                                       device=device, num_cpus_per_actor=learner_cpus, norm_length=r.max_new_tokens,
+                                       actor_options=layout.learner_options, head_dtype=cfg.model.head_dtype)
+        actors.rewards = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
+                                    timeout_s=cfg.reward.timeout_s)
+    except BaseException:
+        actors.shutdown()
+        raise
+    return actors
 
 
 def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool, progress: bool, pool, learners,

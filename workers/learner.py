@@ -25,8 +25,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
 
-import ray
 import torch
+
+try:
+    import ray
+except ModuleNotFoundError:  # LearnerWorker itself runs without Ray (tests/gpu on a machine without it)
+    ray = None
 
 from soft_rl.config import LearnerConfig
 from soft_rl.lean_logprobs import head_logprobs
@@ -44,9 +48,10 @@ class PolicyWithSoftHead(torch.nn.Module):
     whole forward and routes its gradient.
     """
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, head_fp32: bool = True):
         super().__init__()
         self.hf = hf_model
+        self.head_fp32 = head_fp32  # logits in float32 whatever the model dtype (model.head_dtype)
 
     def backbone(self):
         return getattr(self.hf, self.hf.base_model_prefix)
@@ -56,10 +61,21 @@ class PolicyWithSoftHead(torch.nn.Module):
                             position_ids=position_ids).last_hidden_state
         flat = h.reshape(-1, h.shape[-1])
         head = self.hf.get_output_embeddings()
-        soft_logits = torch.einsum("nh,nkh->nk", flat[soft_rows], head.weight[soft_ids])
+        up = self.head_fp32 and flat.dtype != torch.float32
+        hs, ws = flat[soft_rows], head.weight[soft_ids]  # K gathered rows per position: cheap to upcast
+        soft_logits = torch.einsum("nh,nkh->nk", hs.float(), ws.float()) if up else \
+            torch.einsum("nh,nkh->nk", hs, ws)
         if head.bias is not None:
-            soft_logits = soft_logits + head.bias[soft_ids]
-        disc_logits = head(flat[disc_rows])
+            soft_logits = soft_logits + head.bias[soft_ids].to(soft_logits.dtype)
+        hd = flat[disc_rows]
+        if not up:
+            disc_logits = head(hd)
+        elif hd.is_cuda:  # accumulate straight into float32, without a float32 copy of the vocabulary matrix
+            disc_logits = torch.mm(hd, head.weight.t(), out_dtype=torch.float32)
+        else:
+            disc_logits = torch.nn.functional.linear(hd.float(), head.weight.float())
+        if up and head.bias is not None:
+            disc_logits = disc_logits + head.bias.float()
         return disc_logits, soft_logits
 
 
@@ -125,8 +141,9 @@ class LearnerWorker:
     """One data-parallel rank (a Ray actor; see ``LearnerGroup``)."""
 
     def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict, dtype: str = "float32",
-                 seed: int = 0, device: str = "cpu"):
+                 seed: int = 0, device: str = "cpu", head_dtype: str = "float32"):
         self.rank, self.world_size = rank, world_size
+        self.head_fp32 = head_dtype == "float32"
         self.model_path, self.cfg, self.dtype, self.seed = model_path, LearnerConfig(**cfg), dtype, seed
         self.device = device
         self.backend = "nccl" if device == "gpu" else "gloo"  # the DP group's and the weight broadcast's
@@ -153,7 +170,7 @@ class LearnerWorker:
         torch_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         hf.config.use_cache = False
-        self.policy = PolicyWithSoftHead(hf)
+        self.policy = PolicyWithSoftHead(hf, self.head_fp32)
         c = self.cfg
         opt = GuardedAdamW(self.policy.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
                            weight_decay=c.weight_decay)
@@ -165,7 +182,7 @@ class LearnerWorker:
         if c.kl_coef:
             ref_hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
             ref_hf.config.use_cache = False
-            ref = PolicyWithSoftHead(ref_hf).eval().requires_grad_(False)
+            ref = PolicyWithSoftHead(ref_hf, self.head_fp32).eval().requires_grad_(False)
             if c.zero_stage == 3:
                 ref_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                            "bf16": {"enabled": self.dtype == "bfloat16"}, "steps_per_print": 1 << 30}
@@ -294,6 +311,19 @@ class LearnerWorker:
                 out[name] = p.detach().clone().float().cpu()
         return out
 
+    def weight_bucket(self, names: list[str]) -> list[tuple[str, torch.Tensor]] | None:
+        """One object-store bucket: these HF-named full weights in the model dtype on the host, from rank
+        0 (other ranks return None). Under ZeRO-3 a collective: every rank gathers the bucket's
+        parameters, and only they (one bucket at a time, never the whole model)."""
+        import deepspeed
+
+        params = dict(self.engine.module.hf.named_parameters())
+        ps = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
+            if self.rank != 0:
+                return None
+            return [(n, p.detach().to(self.compute_dtype).cpu()) for n, p in zip(names, ps, strict=True)]
+
     # broadcast transport (workers.weight_broadcast): learner rank 0 is rank 0 of the sync group
 
     def weight_specs(self) -> list[tuple[str, tuple[int, ...], str]]:
@@ -383,8 +413,9 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, dtype: str = "float32", seed: int = 0,
                  device: str = "cpu", num_cpus_per_actor: float = 0.5, norm_length: int | None = None,
-                 actor_options: list[dict] | None = None):
-        """``actor_options``: per-rank Ray options (e.g. a colocation bundle, see workers.placement)."""
+                 actor_options: list[dict] | None = None, head_dtype: str = "float32"):
+        """``actor_options``: per-rank Ray options (e.g. a colocation bundle, see workers.placement);
+        ``head_dtype``: model.head_dtype (float32: logits in float32 whatever the model dtype)."""
         self.cfg, self.norm_length = cfg, norm_length
         n = cfg.world_size
         if actor_options is not None and len(actor_options) != n:
@@ -392,7 +423,7 @@ class LearnerGroup:
         base = {"num_cpus": num_cpus_per_actor, "num_gpus": 1 if device == "gpu" else 0}
         actor = ray.remote(LearnerWorker)
         self.actors = [actor.options(**{**base, **(actor_options[r] if actor_options else {})})
-                       .remote(r, n, model_path, asdict(cfg), dtype, seed, device) for r in range(n)]
+                       .remote(r, n, model_path, asdict(cfg), dtype, seed, device, head_dtype) for r in range(n)]
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.init.remote(addr, port) for a in self.actors])
 
@@ -452,6 +483,23 @@ class LearnerGroup:
 
     def placement(self) -> list[dict]:
         return ray.get([a.placement.remote() for a in self.actors])
+
+    def weight_buckets(self, bucket_mb: float) -> tuple[list, list, list]:
+        """Object refs of the weights, bucket by bucket (``LearnerWorker.weight_bucket``: rank 0, model dtype,
+        the broadcast's bucket plan), the refs of the other ranks' part (ZeRO-3 gathers; wait on them),
+        and the plan. Nothing passes through the driver: the refs go to the engines as they are."""
+        from workers.weight_broadcast import plan_buckets
+
+        layout = plan_buckets(ray.get(self.actors[0].weight_specs.remote()), bucket_mb)
+        refs, others = [], []
+        for b in layout:
+            if self.cfg.zero_stage == 3:  # the gather is a collective
+                rs = [a.weight_bucket.remote(b.names) for a in self.actors]
+                refs.append(rs[0])
+                others += rs[1:]
+            else:  # ZeRO 0-2 keep full parameters on every rank: rank 0 alone sends
+                refs.append(self.actors[0].weight_bucket.remote(b.names))
+        return refs, others, layout
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         # a collective under ZeRO-3: every rank gathers, rank 0's copy is returned

@@ -8,8 +8,8 @@
 Weight sync, two receiving paths (both reload in place with vLLM's ``reload_weights``; on CPU
 ``load_weights`` fails after start-up):
 
-* object store: ``update_weights`` / ``stage_weights`` + ``commit_weights`` take (name, tensor)
-  pairs put once in the Ray object store;
+* object store: ``update_weights`` takes (name, tensor) pairs; ``load_weight_buckets`` takes the object
+  refs of a bucketed sync and streams them into one reload;
 * broadcast group: ``join_weight_group`` makes every worker process of the engine (each TP rank) a
   rank of a torch.distributed group whose rank 0 is learner rank 0 (NCCL on GPU, gloo on CPU);
   ``receive_weights(layout)`` then streams the broadcast buckets straight into the model loader.
@@ -32,15 +32,30 @@ from soft_rl.trajectory import Trajectory
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 
-# vLLM-on-CPU settings an actor needs before vLLM is imported (the caller's values win).
+# Settings an engine process needs before vLLM is imported (the caller's values win, except the model
+# runner: the soft-thinking hooks live in vLLM's V1 runner, which SoftEngine enforces anyway).
 DEFAULT_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# vLLM on CPU only: a process holding a GPU does not get these (a loopback host IP would also break
+# multi-node communication).
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+def engine_env_defaults() -> dict[str, str]:
+    """``DEFAULT_ENV``, plus ``CPU_ENV`` when this process holds no GPU (Ray's assignment inside an actor,
+    else whether CUDA is available)."""
+    import ray
+
+    holds_gpu = bool(ray.get_gpu_ids()) if ray.is_initialized() else torch.cuda.is_available()
+    return {**DEFAULT_ENV, **({} if holds_gpu else CPU_ENV)}
 _FORWARDED = ("VLLM_", "OMP_", "TORCHINDUCTOR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "LD_PRELOAD")
 
 
@@ -55,13 +70,17 @@ class RolloutWorker:
     """Owns one ``SoftEngine`` (tensor-parallel size from ``engine_kwargs``); used as a Ray actor."""
 
     def __init__(self, model_dir: str, engine_kwargs: dict | None = None, env: dict[str, str] | None = None):
-        for k, v in {**DEFAULT_ENV, **(env or {})}.items():
+        for k, v in {**engine_env_defaults(), **(env or {})}.items():
             os.environ.setdefault(k, str(v))
+        self.model_dir = str(model_dir)
+        self.engine = self._start_engine(self.model_dir, dict(engine_kwargs or {}))
+        self.generated = 0
+
+    def _start_engine(self, model_dir: str, engine_kwargs: dict):
+        """The one place the actor builds its vLLM engine (a test stand-in replaces only this)."""
         from workers.vllm_soft import SoftEngine
 
-        self.model_dir = str(model_dir)
-        self.engine = SoftEngine(self.model_dir, **(engine_kwargs or {}))
-        self.generated = 0
+        return SoftEngine(model_dir, **engine_kwargs)
 
     def generate(self, requests: Sequence[RolloutRequest]) -> list[Trajectory]:
         if not requests:
@@ -75,18 +94,22 @@ class RolloutWorker:
         items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
         return self.engine.update_weights(items)
 
-    def stage_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        """Receive one bucket of a bucketed sync (see workers.weight_sync); applied by commit_weights."""
-        self._staged = getattr(self, "_staged", [])
-        self._staged.extend(bucket)
-        return len(bucket)
+    def load_weight_buckets(self, refs: list) -> int:
+        """One object-store sync: the buckets' object refs (nested in a list, so Ray passes them unresolved)
+        are fetched one at a time and streamed into a single in-place reload; each tensor is dropped
+        once handed to the loader, so at most about one bucket is resident here (workers.weight_sync)."""
+        import ray
 
-    def commit_weights(self) -> int:
-        """Reload every staged tensor in place (one reload per sync), then drop the staging area."""
-        staged, self._staged = getattr(self, "_staged", []), []
-        if not staged:
-            raise RuntimeError("commit_weights without staged buckets")
-        return self.engine.update_weights(staged)
+        if not refs:
+            raise RuntimeError("load_weight_buckets: no buckets")
+
+        def stream():
+            for ref in refs:
+                bucket = ray.get(ref)
+                while bucket:
+                    yield bucket.pop(0)
+
+        return self.engine.update_weights(stream())
 
     # broadcast transport (see workers.weight_sync.BroadcastChannel)
     def num_ranks(self) -> int:

@@ -2,9 +2,11 @@
 
     sync_weights(learners, pool, bucket_mb=256, timeout_s=600, probe=requests)
 
-1. The learners gather full weights (under ZeRO-3 parameter by parameter) and rank 0 returns them.
-2. They are cut into buckets of at most ``bucket_mb``; each bucket is put in the object store once
-   and staged by every rollout worker; a final commit reloads them in place in each engine.
+1. The weights are cut into buckets of at most ``bucket_mb`` (one plan for both transports).
+2. Learner rank 0 returns each bucket in the model dtype into the object store (under ZeRO-3 every
+   rank gathers that bucket's parameters); every engine fetches the buckets one at a time and streams
+   them into one in-place reload. The driver never holds the weights; the object store holds one
+   copy of the model in its dtype, each engine about one bucket (``bench/weight_sync.py`` measures it).
 3. Every call waits at most ``timeout_s``: a hung or dead engine raises ``WeightSyncError`` naming
    the worker, instead of blocking the run.
 4. The parity probe generates fixed requests on every worker and rescores them with the learners:
@@ -14,8 +16,7 @@
 
 Two transports (``learner.sync_transport``):
 
-* ``object_store``: rank 0's gathered state is cut into buckets, each ``ray.put`` once and staged
-  by every worker, then committed (one reload per engine).
+* ``object_store``: as above (works with colocated engines, where NCCL cannot join two ranks on one GPU).
 * ``broadcast``: a ``BroadcastChannel`` (opened once, reopened after a failure) is a standalone
   torch.distributed group of learner rank 0 plus every engine worker process (NCCL on GPU, gloo on
   CPU; ``workers.weight_broadcast``). Buckets are gathered (ZeRO-3: one bucket's parameters at a
@@ -169,17 +170,20 @@ def sync_weights(learners, pool, *, bucket_mb: float = 256, timeout_s: float = 6
         if probe:
             metrics["sync/probe_max_abs_diff"] = check_parity(learners, pool, probe, tol, timeout_s)
         return metrics
-    state = learners.full_state_dict() if state is None else state
-    t_gather = time.perf_counter() - t0
-    buckets = make_buckets(state, bucket_mb)
-    refs = [ray.put(b) for b in buckets]
-    for i, w in enumerate(pool.workers):
-        _get([w.stage_weights.remote(r) for r in refs], timeout_s, "receiving buckets", i)
-    for i, w in enumerate(pool.workers):
-        _get(w.commit_weights.remote(), timeout_s, "reloading weights", i)
-    t_sync = time.perf_counter() - t0
-    metrics = {"sync/gather_s": t_gather, "sync/total_s": t_sync, "sync/buckets": float(len(buckets)),
-               "sync/mb": sum(t.numel() * t.element_size() for t in state.values()) / 2**20}
+    if state is None:  # rank 0's buckets, in the model dtype, straight from the learner to the engines
+        refs, others, layout = learners.weight_buckets(bucket_mb)
+        nbytes = sum(b.nbytes for b in layout)
+    else:  # an explicit state (tests): the same plan, put from here
+        buckets = make_buckets(state, bucket_mb)
+        refs, others = [ray.put(b) for b in buckets], []
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    loads = [w.load_weight_buckets.remote(refs) for w in pool.workers]
+    for i, ref in enumerate(loads):
+        _get(ref, timeout_s, "loading the weight buckets", i)
+    ray.get(others, timeout=timeout_s)
+    n_buckets = len(refs)
+    del refs  # the buckets leave the object store
+    metrics = {"sync/total_s": time.perf_counter() - t0, "sync/buckets": float(n_buckets), "sync/mb": nbytes / 2**20}
     if probe:
         metrics["sync/probe_max_abs_diff"] = check_parity(learners, pool, probe, tol, timeout_s)
     return metrics

@@ -6,8 +6,9 @@
     eng.update_weights(model.named_parameters()); eng.shutdown()
 
 ``runner`` holds the model-runner mixin and the worker classes (selected with ``worker_cls``),
-``state`` the per-request device state, ``engine`` the front-end. On GPU set
-``VLLM_USE_V2_MODEL_RUNNER=0`` (vLLM 0.32 defaults to Model Runner V2, which is not patched).
+``engine`` the front-end; the per-request device state and the step's device work are vLLM-free
+(``soft_rl.engine_state``). The engine sets ``VLLM_USE_V2_MODEL_RUNNER=0`` itself (vLLM 0.32
+defaults to Model Runner V2 on GPU, which is not patched).
 """
 
 from __future__ import annotations

@@ -228,8 +228,9 @@ class SoftEngine:
     # ------------------------------------------------------------------ weights and cache
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load new weights (HF checkpoint names) in place; the prefix cache is reset afterwards."""
-        items = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors]
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+        items = ((n, t.detach().to("cpu").contiguous()) for n, t in named_tensors)
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0" and self.num_ranks == 1:
+            # one in-process worker: the loader consumes the stream lazily (one bucket resident at a time)
             n = self.llm.collective_rpc("soft_update_weights", args=(items,))[0]
         else:  # tensors nested in collective_rpc arguments are not rebuilt across processes: go through a file
             from safetensors.torch import save_file
@@ -238,7 +239,7 @@ class SoftEngine:
             fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="soft_rl_weights_", dir=shm)
             os.close(fd)
             try:
-                save_file(dict(items), path)
+                save_file(dict(items), path)  # (a copy of the weights in /dev/shm while it lasts)
                 n = self.llm.collective_rpc("soft_update_weights_from_file", args=(path,))[0]
             finally:
                 os.unlink(path)

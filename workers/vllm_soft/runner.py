@@ -45,8 +45,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from soft_rl.densities import DENSITY_MODES, NOISE_KINDS
+from soft_rl.engine_state import SoftStateStore
 from soft_rl.sampling import SoftSamplingParams
-from workers.vllm_soft.state import SoftStateStore
 
 EXTRA_KEY = "soft_rl"  # SamplingParams.extra_args[EXTRA_KEY] = request dict (see engine.request_dict)
 CONFIG_KEY = "soft_rl"  # VllmConfig.additional_config[CONFIG_KEY] = engine settings
@@ -264,10 +264,16 @@ class _SoftWorkerMethods:
 
     def soft_update_weights(self, named_tensors) -> int:
         """In-place weight reload from (name, tensor) pairs (in-process engines pass real tensors)."""
-        items = list(named_tensors)
+        count = [0]
+
+        def counted():
+            for item in named_tensors:  # consumed lazily: a stream is never materialised here
+                count[0] += 1
+                yield item
+
         # CPU repacks linear weights after start-up, so model.load_weights() fails there; reload_weights works.
-        self.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
-        return len(items)
+        self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        return count[0]
 
     def soft_update_weights_from_file(self, path: str) -> int:
         from safetensors.torch import load_file

@@ -1,9 +1,11 @@
-"""Per-request soft-thinking state on the engine's device, indexed by a persistent slot.
+"""Per-request soft-thinking state on the engine's device, indexed by a persistent slot, and the device
+work of one engine step (``sample_step``, ``mixed_inputs``). The vLLM runner (workers/vllm_soft/runner.py)
+drives it; nothing here imports vLLM, so it runs and compiles anywhere torch does (tests/gpu).
 
 vLLM's persistent batch moves requests between rows (condense, reorder, preemption), so nothing here
 is indexed by batch row. Each soft_rl request owns a *slot* for its whole life (including while it is
 preempted); every step the runner gathers the rows' slots, runs the core sampler on the gathered
-state and scatters the result back. All of it is plain torch (no vLLM import), so it is unit-testable.
+state and scatters the result back.
 
 Per slot it holds:
   * the request's sampling parameters as the columns of a ``soft_rl.sampling.SamplingBatch``;
