@@ -322,7 +322,9 @@ class LearnerWorker:
         with deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
             if self.rank != 0:
                 return None
-            return [(n, p.detach().to(self.compute_dtype).cpu()) for n, p in zip(names, ps, strict=True)]
+            # a copy: ZeRO's parameters are views of one flat buffer, and a view pickles its whole storage
+            return [(n, p.detach().to(device="cpu", dtype=self.compute_dtype, copy=True))
+                    for n, p in zip(names, ps, strict=True)]
 
     # broadcast transport (workers.weight_broadcast): learner rank 0 is rank 0 of the sync group
 
