@@ -106,6 +106,7 @@ class LearnerConfig:
     mini_batches: int = 2  # optimizer steps per RL step
     micro_batch_tokens: int = 16384  # token budget per micro-batch (bounds peak memory)
     micro_batch_seqs: int | None = None  # also at most this many sequences per micro-batch (verl's micro-batch size)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory)
     density: str = "official"  # official | exact
     advantage: str = "grpo"
     clip_low: float = 0.2

@@ -210,7 +210,8 @@ def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool
         (1e-3 if cfg.model.dtype == "float32" else 5e-2)
 
     def sync_engines() -> dict[str, float]:
-        if sleep_engines:
+        if sleep_engines:  # colocated: the learners hand their cached GPU memory back before the engines wake
+            learners.release_memory()
             pool.wake_up()
         return sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s, channel=channel)
 

@@ -57,7 +57,8 @@ class _HFGenerator:
         from transformers import AutoModelForCausalLM
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[run.dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(run.model, dtype=dtype).eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the reference generation runs on the model's device
+        self.model = AutoModelForCausalLM.from_pretrained(run.model, dtype=dtype).to(device).eval()
         self.tokenizer = tokenizer
         self.batch_size = run.batch_size
 

@@ -170,6 +170,8 @@ class LearnerWorker:
         torch_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         hf.config.use_cache = False
+        if self.cfg.gradient_checkpointing:  # non-reentrant: the soft inputs are detached embeddings
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = PolicyWithSoftHead(hf, self.head_fp32)
         c = self.cfg
         opt = GuardedAdamW(self.policy.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
@@ -378,6 +380,14 @@ class LearnerWorker:
 
         return placement_info()
 
+    def release_memory(self) -> None:
+        """Return cached device memory to the driver before colocated engines wake into the same GPU."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def skipped_steps(self) -> int:
         return self.optimizer.skipped
 
@@ -485,6 +495,9 @@ class LearnerGroup:
 
     def placement(self) -> list[dict]:
         return ray.get([a.placement.remote() for a in self.actors])
+
+    def release_memory(self) -> None:
+        ray.get([a.release_memory.remote() for a in self.actors])
 
     def weight_buckets(self, bucket_mb: float) -> tuple[list, list, list]:
         """Object refs of the weights, bucket by bucket (``LearnerWorker.weight_bucket``: rank 0, model dtype,

@@ -126,8 +126,12 @@ def open_group(backend: str, host: str, port: int, rank: int, world_size: int, t
 
 
 def send(sync: SyncGroup, flat: torch.Tensor) -> None:
-    """Broadcast one bucket from rank 0 (a receiver passes its empty buffer)."""
+    """Broadcast one bucket from rank 0 (a receiver passes its empty buffer). Returns once the bucket has
+    arrived: NCCL's ``wait()`` only orders the current CUDA stream, so the host also waits for it (a hung
+    peer then shows up as this call not returning, within the sync timeout, instead of a later failure)."""
     sync.group.broadcast(flat, 0).wait()
+    if flat.is_cuda:
+        torch.cuda.current_stream(flat.device).synchronize()
 
 
 def receive(sync: SyncGroup, layout: Sequence[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
