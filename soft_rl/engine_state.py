@@ -28,6 +28,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 
+from soft_rl.densities import NOISE_KINDS
 from soft_rl.phase import PhaseTracker
 from soft_rl.rng import NoiseCounters
 from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSamplingParams, mix_rows, soft_sample
@@ -50,6 +51,7 @@ class SoftStateStore:
         self.marker_width = int(marker_width)
         self.t: dict[str, torch.Tensor] = {}
         self._packing_cache = self._packing()
+        self._history_spec = self._history_fields()
         self.h: dict[str, torch.Tensor] = {}  # history: SampleOutput field (+ "forced") -> [slots, gen_len, ...]
         # host-side per-slot facts (never read back from the device)
         self.free: list[int] = []
@@ -64,7 +66,7 @@ class SoftStateStore:
         d, M, i64 = self.device, self.marker_width, torch.int64
         t = {}
         # parameter columns packed by dtype: one gather per dtype per step instead of one per column
-        for dtype, names in self._packing().items():
+        for dtype, names in self._packing_cache.items():
             t["p_" + str(dtype)] = torch.zeros(slots, len(names), dtype=dtype, device=d)
         t["soft_enabled"] = torch.zeros(slots, dtype=torch.bool, device=d)
         t["marker"] = torch.full((slots, M), -1, dtype=i64, device=d)
@@ -106,7 +108,7 @@ class SoftStateStore:
         for name, buf in self.t.items():
             new[name][:s] = buf[:s]
         self.t = new
-        for name, (shape, dtype) in self._history_fields().items():
+        for name, (shape, dtype) in self._history_spec.items():
             hb = torch.zeros((slots, gen_len) + shape, dtype=dtype, device=self.device)
             if name in self.h:
                 hb[:s, :g] = self.h[name][:s, :g]
@@ -136,7 +138,7 @@ class SoftStateStore:
         s = self.free.pop()
         one = SamplingBatch.from_params([params], device=self.device, width=self.width)
         t = self.t
-        for dtype, names in self._packing().items():
+        for dtype, names in self._packing_cache.items():
             t["p_" + str(dtype)][s] = torch.stack([getattr(one, n)[0] for n in names])
         t["soft_enabled"][s] = bool(params.soft)
         M = self.marker_width
@@ -202,14 +204,20 @@ class SoftStateStore:
         return self._flat("ids").index_select(0, flat), self._flat("weights").index_select(0, flat)
 
     # ----------------------------------------------------------------- the device work of one engine step
+    def step_hints(self, slots: np.ndarray) -> dict:
+        """``sample_step``'s static hints for these slots, from host-side facts only (never the device):
+        whether any may force a token, the candidate width and the noise kinds present."""
+        return dict(has_budget=bool(self.has_budget[slots].any()), candidates=int(self.need_c[slots].max()),
+                    kinds=tuple(NOISE_KINDS[c] for c in sorted(set(self.noise_code[slots].tolist()))))
+
     def sample_step(self, logits: torch.Tensor, slots: torch.Tensor, steps: torch.Tensor, *, has_budget: bool,
                     density: str, candidates: int, kinds: tuple[str, ...]) -> SampleOutput:
         """One decode step of these slots from their ``logits`` [N, V]: gather the phase state and the
         parameters, ``soft_sample``, advance the phase, write the state and the history back.
 
-        Pure device work: every shape and branch is fixed by the host-side hints (``has_budget``,
-        ``candidates``, ``kinds``), so it makes no host synchronisation and compiles with
-        ``torch.compile(fullgraph=True)`` (tests/test_gpu_proxies.py)."""
+        Pure device work: every shape and branch is fixed by the host-side hints (``step_hints``), so it
+        makes no host synchronisation and compiles with ``torch.compile(fullgraph=True)``
+        (tests/test_gpu_proxies.py)."""
         tracker = self.tracker(slots)
         batch = self.batch(slots, tracker)
         # without a thinking budget in the batch nothing can be forced: skip the forcing ops

@@ -40,22 +40,13 @@ def _store() -> tuple[SoftStateStore, torch.Tensor]:
     return store, slots
 
 
-def _hints(store: SoftStateStore, slots: torch.Tensor) -> dict:
-    """The host-side hints the runner passes (from the store's host arrays, never the device)."""
-    from soft_rl.densities import NOISE_KINDS
-
-    s = slots.numpy()
-    return dict(has_budget=bool(store.has_budget[s].any()), candidates=int(store.need_c[s].max()),
-                kinds=tuple(NOISE_KINDS[c] for c in sorted(set(store.noise_code[s].tolist()))))
-
-
 def _run(store, slots, step_fn, mix_fn, embed, steps=6, density="official"):
     g = torch.Generator().manual_seed(0)
     outs, mixes = [], []
     for s in range(steps):
         logits = torch.randn(len(slots), V, generator=g) * 3
         steps_t = torch.full((len(slots),), s, dtype=torch.int64)
-        outs.append(step_fn(logits, slots, steps_t, density=density, **_hints(store, slots)))
+        outs.append(step_fn(logits, slots, steps_t, density=density, **store.step_hints(slots.numpy())))
         mixes.append(mix_fn(embed, slots, steps_t))
     return outs, mixes
 
@@ -97,7 +88,7 @@ def _meta_steps(step_fn, steps: int = 3) -> None:
     of a device value on the host (``.item()``, ``bool(t)``, ``.tolist()``, data-dependent shapes) raises."""
     store = SoftStateStore(8, 12, WIDTH, 4, "meta", V)
     slots = torch.tensor([store.allocate(p, [V - 3, V - 2, V - 1][:MARKER], 12) for p in REQUESTS])
-    hints, dev = _hints(store, slots), slots.to("meta")
+    hints, dev = store.step_hints(slots.numpy()), slots.to("meta")
     embed = torch.empty(V, 16, device="meta").__getitem__
     for s in range(steps):
         steps_t = torch.full((len(REQUESTS),), s, dtype=torch.int64, device="meta")

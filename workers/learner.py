@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -63,8 +64,9 @@ class PolicyWithSoftHead(torch.nn.Module):
         head = self.hf.get_output_embeddings()
         up = self.head_fp32 and flat.dtype != torch.float32
         hs, ws = flat[soft_rows], head.weight[soft_ids]  # K gathered rows per position: cheap to upcast
-        soft_logits = torch.einsum("nh,nkh->nk", hs.float(), ws.float()) if up else \
-            torch.einsum("nh,nkh->nk", hs, ws)
+        if up:
+            hs, ws = hs.float(), ws.float()
+        soft_logits = torch.einsum("nh,nkh->nk", hs, ws)
         if head.bias is not None:
             soft_logits = soft_logits + head.bias[soft_ids].to(soft_logits.dtype)
         hd = flat[disc_rows]
@@ -303,13 +305,22 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ weights
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named full tensors (gathered layer by layer under ZeRO-3); on every rank."""
+    @contextmanager
+    def _gathered(self, names: Sequence[str]):
+        """These HF-named parameters, whole while the context lasts (under ZeRO-3 a collective: every rank
+        gathers them, and only them)."""
         import deepspeed
 
+        params = dict(self.engine.module.hf.named_parameters())
+        ps = [params[n] for n in names]
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
+            yield ps
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named full tensors (gathered layer by layer under ZeRO-3); on every rank."""
         out = {}
-        for name, p in self.engine.module.hf.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+        for name, _ in self.engine.module.hf.named_parameters():
+            with self._gathered([name]) as (p,):
                 out[name] = p.detach().clone().float().cpu()
         return out
 
@@ -317,11 +328,7 @@ class LearnerWorker:
         """One object-store bucket: these HF-named full weights in the model dtype on the host, from rank
         0 (other ranks return None). Under ZeRO-3 a collective: every rank gathers the bucket's
         parameters, and only they (one bucket at a time, never the whole model)."""
-        import deepspeed
-
-        params = dict(self.engine.module.hf.named_parameters())
-        ps = [params[n] for n in names]
-        with deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
+        with self._gathered(names) as ps:
             if self.rank != 0:
                 return None
             # a copy: ZeRO's parameters are views of one flat buffer, and a view pickles its whole storage
@@ -355,18 +362,14 @@ class LearnerWorker:
     def broadcast_weights(self, layout) -> int:
         """Send every bucket of ``layout``; all ranks call it (ZeRO-3 gathers each bucket's parameters
         collectively), rank 0 packs and broadcasts."""
-        import deepspeed
-
         from workers.weight_broadcast import pack, send
 
-        params = dict(self.engine.module.hf.named_parameters())
         group = getattr(self, "_weight_group", None)
         if self.rank == 0 and group is None:
             raise RuntimeError("broadcast_weights before join_weight_group")
         sent = 0
         for bucket in layout:
-            ps = [params[n] for n in bucket.names]
-            with torch.no_grad(), deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
+            with self._gathered(bucket.names) as ps:
                 if self.rank == 0:
                     send(group, pack(bucket, ps, self._device()))
                     sent += len(ps)

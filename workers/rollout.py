@@ -47,6 +47,7 @@ CPU_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
 }
+_FORWARDED = ("VLLM_", "OMP_", "TORCHINDUCTOR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "LD_PRELOAD")
 
 
 def engine_env_defaults() -> dict[str, str]:
@@ -56,7 +57,6 @@ def engine_env_defaults() -> dict[str, str]:
 
     holds_gpu = bool(ray.get_gpu_ids()) if ray.is_initialized() else torch.cuda.is_available()
     return {**DEFAULT_ENV, **({} if holds_gpu else CPU_ENV)}
-_FORWARDED = ("VLLM_", "OMP_", "TORCHINDUCTOR_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "LD_PRELOAD")
 
 
 @dataclass

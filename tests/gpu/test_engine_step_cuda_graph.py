@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-from soft_rl.densities import NOISE_KINDS
 from soft_rl.engine_state import SoftStateStore
 from soft_rl.sampling import SoftSamplingParams
 
@@ -23,9 +22,7 @@ def test_engine_step_under_cuda_graph_capture_equals_eager(device):
         pytest.skip("CUDA graphs need a CUDA device")
     store = SoftStateStore(8, 16, 5, 4, device, V)
     slots_host = torch.tensor([store.allocate(p, [V - 2, V - 1], 16) for p in REQUESTS])
-    s = slots_host.numpy()
-    hints = dict(has_budget=bool(store.has_budget[s].any()), candidates=int(store.need_c[s].max()),
-                 kinds=tuple(NOISE_KINDS[c] for c in sorted(set(store.noise_code[s].tolist()))), density="official")
+    hints = dict(store.step_hints(slots_host.numpy()), density="official")
     eager = copy.deepcopy(store)
     emb = torch.randn(V, H, device=device)
     embed = emb.__getitem__

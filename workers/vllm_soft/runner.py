@@ -44,7 +44,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
-from soft_rl.densities import DENSITY_MODES, NOISE_KINDS
+from soft_rl.densities import DENSITY_MODES
 from soft_rl.engine_state import SoftStateStore
 from soft_rl.sampling import SoftSamplingParams
 
@@ -200,12 +200,7 @@ class SoftThinkingMixin:
             z = logits  # every row is a soft_rl request (rows are 0..n-1); soft_sample does not modify it
         else:
             z = logits.index_select(0, rows_t)
-        need = store.need_c[slots]
-        candidates = int(need.max())
-        kinds = tuple(NOISE_KINDS[c] for c in sorted(set(store.noise_code[slots].tolist())))
-
-        o = store.sample_step(z, slots_t, steps_t, has_budget=bool(store.has_budget[slots].any()),
-                              density=self._soft_density, candidates=candidates, kinds=kinds)
+        o = store.sample_step(z, slots_t, steps_t, density=self._soft_density, **store.step_hints(slots))
 
         store.n_steps[slots] = steps + 1
         if self._soft_debug_slots:
