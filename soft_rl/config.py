@@ -106,6 +106,7 @@ class LearnerConfig:
     mini_batches: int = 2  # optimizer steps per RL step
     micro_batch_tokens: int = 16384  # token budget per micro-batch (bounds peak memory)
     micro_batch_seqs: int | None = None  # also at most this many sequences per micro-batch (verl's micro-batch size)
+    logit_chunk_tokens: int = 2048  # positions whose full-vocabulary logits exist at once (forward and backward)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory)
     density: str = "official"  # official | exact
     advantage: str = "grpo"
@@ -120,7 +121,8 @@ class LearnerConfig:
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 600.0
     sync_probe: bool = True  # fail when a rollout's log-probs disagree with the learners' (a bad weight sync)
-    sync_probe_tol: float | None = None  # mean |engine - learner| log-prob; None: 1e-3 float32, 5e-2 bfloat16
+    sync_probe_tol: float | None = None  # mean |engine - learner| log-prob, discrete positions (soft_rl/sync_probe.py)
+    sync_probe_tol_soft: float | None = None  # the same at soft positions; None: the measured default for the dtype
 
 
 @dataclass
@@ -216,6 +218,7 @@ def validate(cfg: Config) -> None:
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
     _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
     _check(lr.micro_batch_seqs is None or lr.micro_batch_seqs >= 1, "learner.micro_batch_seqs", "must be >= 1 or null")
+    _check(lr.logit_chunk_tokens >= 1, "learner.logit_chunk_tokens", "must be >= 1")
     _check(lr.lr > 0, "learner.lr", "must be > 0")
     _check(lr.lr_schedule in LR_SCHEDULES, "learner.lr_schedule", f"must be one of {list(LR_SCHEDULES)}")
     _check(lr.lr_warmup_steps >= 0, "learner.lr_warmup_steps", "must be >= 0")
@@ -228,6 +231,8 @@ def validate(cfg: Config) -> None:
     _check(lr.sync_bucket_mb > 0 and lr.sync_timeout_s > 0, "learner.sync_bucket_mb",
            "bucket size and sync timeout must be > 0")
     _check(lr.sync_probe_tol is None or lr.sync_probe_tol > 0, "learner.sync_probe_tol", "must be > 0 or null")
+    _check(lr.sync_probe_tol_soft is None or lr.sync_probe_tol_soft > 0, "learner.sync_probe_tol_soft",
+           "must be > 0 or null")
     _check(not (r.soft and r.noise == "none"), "rollout.noise",
            "noise=none has no density: SofT-GRPO needs gumbel, dirichlet or gaussian (or set rollout.soft=false)")
     batch = d.prompts_per_step * r.n

@@ -165,6 +165,28 @@ class SoftStateStore:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
+    def profile_step(self, rows: int, logits_dtype: torch.dtype = torch.float32) -> None:
+        """One worst-case step on dummy logits, then the store as it was: ``rows`` requests (vLLM's
+        ``max_num_seqs``), full-vocabulary candidates, every noise kind, a thinking budget. Run inside
+        vLLM's memory profiling (before the KV cache is sized), it makes the allocator's peak cover
+        ``soft_sample``'s [rows x vocabulary] temporaries, which vLLM's own dummy sampler run does not."""
+        rows = min(int(rows), self.slots)
+        free, saved = list(self.free), {n: a.copy() for n, a in self._host_facts().items()}
+        params = SoftSamplingParams(k=self.width, top_k=self.width, thinking_budget=1, answer_top_k=-1)
+        slots = [self.allocate(params, [0], 1) for _ in range(rows)]
+        logits = torch.randn(rows, self.vocab_size, device=self.device).to(logits_dtype)
+        slots_t = torch.as_tensor(slots, device=self.device)
+        self.sample_step(logits, slots_t, torch.zeros_like(slots_t), has_budget=True, density="official",
+                         candidates=self.vocab_size, kinds=tuple(NOISE_KINDS))
+        del logits
+        self.free = free
+        for name, arr in saved.items():
+            setattr(self, name, arr)
+
+    def _host_facts(self) -> dict[str, np.ndarray]:
+        return {"need_c": self.need_c, "noise_code": self.noise_code, "n_steps": self.n_steps,
+                "has_budget": self.has_budget}
+
     # ----------------------------------------------------------------- per step
     def batch(self, slots: torch.Tensor, tracker: PhaseTracker) -> SamplingBatch:
         """The gathered SamplingBatch of these slots for this step, phase columns from ``tracker``
@@ -243,3 +265,32 @@ class SoftStateStore:
         out["n_think"] = self.t["n_think"][slot]
         out["n_generated"] = self.t["n_generated"][slot]
         return {k: v.cpu().numpy().copy() for k, v in out.items()}
+
+
+class IndexStaging:
+    """Host index vectors -> one int64 [rows, n] tensor on the device, per call site.
+
+    On CUDA the vectors go through a pinned host buffer kept per call site (grown, never shrunk), so the
+    copy is a true asynchronous DMA; from pageable memory ``non_blocking=True`` degrades to a copy that
+    can block the host (gpu-audit item 11). Reusing the buffer is safe because vLLM's step ends with a
+    host sync (async scheduling is off) before the next step writes it, and each call site has its own.
+    Elsewhere (CPU) the host tensor is used as is.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.pinned = self.device.type == "cuda"
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, site: str, *cols: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.stack([np.asarray(c, dtype=np.int64) for c in cols]))
+        if not self.pinned:
+            return host.to(self.device)
+        buf = self.buffers.get(site)
+        if buf is None or buf.numel() < host.numel():
+            buf = torch.empty(max(host.numel(), 2 * (buf.numel() if buf is not None else 0), 4096),
+                              dtype=torch.int64, pin_memory=True)
+            self.buffers[site] = buf
+        staged = buf[: host.numel()].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)

@@ -60,6 +60,7 @@ class EvalSettings:
     noise: str = "gumbel"
     max_new_tokens: int = 4096  # the paper preset: 32768
     think_end: str = "</think>"
+    thinking_budget: int | None = None  # force think_end after this many thinking steps (models without it)
     seed: int = 0
 
     def __post_init__(self):
@@ -78,7 +79,7 @@ class EvalSettings:
     def params(self, seed: int) -> SoftSamplingParams:
         return SoftSamplingParams(soft=self.mode == "soft", temperature=self.temperature, top_k=self.top_k,
                                   top_p=self.top_p, min_p=self.min_p, k=self.k, tau=self.tau, noise=self.noise,
-                                  think_end=self.think_end, seed=seed)
+                                  think_end=self.think_end, thinking_budget=self.thinking_budget, seed=seed)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -117,20 +117,22 @@ def generate(
     return trajs
 
 
-def rebuild_weights(traj: Trajectory) -> torch.Tensor:
-    """[R, K] input-mixture weights of every generated position, from the stored values only."""
-    valid = traj.slot_valid()
-    w = soft_weights(traj.noisy, traj.sampling.noise, traj.sampling.tau, valid)
+def rebuild_weights(traj: Trajectory, device=None) -> torch.Tensor:
+    """[R, K] input-mixture weights of every generated position, from the stored values only, computed on
+    ``device`` (the learner's: the engine computes them on its GPU too, so both round alike; audit 13)."""
+    dev = traj.noisy.device if device is None else torch.device(device)
+    valid = traj.slot_valid().to(dev)
+    w = soft_weights(traj.noisy.to(dev), traj.sampling.noise, traj.sampling.tau, valid)
     K = traj.topk_ids.shape[-1]
-    one_hot = (torch.arange(K) == 0).float().expand_as(w)
-    return torch.where(traj.is_soft[:, None], w, one_hot)
+    one_hot = (torch.arange(K, device=dev) == 0).float().expand_as(w)
+    return torch.where(traj.is_soft.to(dev)[:, None], w, one_hot)
 
 
 def build_inputs_embeds(embedding_weight: torch.Tensor, traj: Trajectory) -> torch.Tensor:
     """[P + R - 1, H]: prompt token embeddings, then the (detached) input after each step but the last."""
     dev = embedding_weight.device
     prompt = embedding_weight[traj.prompt_ids.to(dev)]
-    ids, w = traj.topk_ids[:-1].to(dev), rebuild_weights(traj)[:-1].to(dev)
+    ids, w = traj.topk_ids[:-1].to(dev), rebuild_weights(traj, dev)[:-1]
     return torch.cat([prompt, mix_embeddings(embedding_weight, ids, w)], dim=0).detach()
 
 

@@ -191,6 +191,23 @@ class SampleOutput:
     kept: torch.Tensor  # bool [B, K], slots the truncation kept (q > 0); slot 0 only for discrete rows
 
 
+def stable_topk(z: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``c`` largest of ``z`` [B, V] (float32) per row, sorted descending, equal values by ascending
+    index: a pure function of the row, whatever ``c`` (``torch.topk`` picks and orders ties arbitrarily,
+    so a request's slots could depend on the candidate width its batch-mates set; bf16 logits tie often).
+
+    One ``topk`` over unique int64 keys: the float's bits mapped to an order-preserving int32
+    (negative floats have their magnitude bits flipped), shifted up 32 bits, with V - 1 - index below.
+    """
+    V = z.shape[-1]
+    bits = z.contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float's value (-0.0 just below +0.0)
+    index = torch.arange(V - 1, -1, -1, device=z.device, dtype=torch.int64)
+    key = (ordered.to(torch.int64) << 32) | index
+    top_idx = (V - 1) - (torch.topk(key, c, dim=-1).values & 0xFFFFFFFF)
+    return z.gather(-1, top_idx), top_idx
+
+
 def truncate_sorted(p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
     """Keep-mask over probabilities ``p`` [B, C] sorted descending (the top C of the vocabulary).
 
@@ -284,7 +301,7 @@ def soft_sample(
         C = min(V, max(K, int(top_k.max().item()) if B else K))
     if kinds is None:
         kinds = tuple(name for name, code in NOISE_CODES.items() if bool((params.noise == code).any()))
-    top_vals, top_idx = torch.topk(zt, C, dim=-1)  # sorted descending
+    top_vals, top_idx = stable_topk(zt, C)  # sorted descending, ties by token id
     p = torch.exp(top_vals - log_norm[:, None])
     keep = truncate_sorted(p, top_k, top_p, min_p)
     p_kept = p * keep

@@ -30,3 +30,9 @@ def misbehave(response: str, gold: str):
     if response == "text":
         return "not a number"
     return exact(response, gold)
+
+
+def length_parity(response: str, gold: str) -> float:
+    """1.0 for a response of even length: a stand-in reward that varies within GRPO groups, for smoke runs
+    of models that rarely solve the task (an all-zero group has no advantage, hence no update)."""
+    return float(len(response) % 2 == 0)

@@ -36,7 +36,7 @@ def test_paper_recipe_values():
     assert base.rollout.soft is False and base.rollout.top_k == 5
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem != "tiny_cpu"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.stem.endswith("_cpu")], ids=lambda p: p.stem)
 def test_paper_presets_select_the_official_behaviour(preset):
     """Every documented deviation with an official alternative: the paper presets pick the official one."""
     from soft_rl.rewards import get_reward
@@ -74,8 +74,10 @@ def test_eval_sampling_defaults_to_training_sampling():
     (["learner.sync_transport=nccl"], "learner.sync_transport"),
     (["rollout.prefix_caching=salted"], "rollout.prefix_caching"),
     (["learner.sync_probe_tol=0"], "learner.sync_probe_tol"),
+    (["learner.sync_probe_tol_soft=-1"], "learner.sync_probe_tol_soft"),
     (["learner.sync_bucket_mb=0"], "learner.sync_bucket_mb"),
     (["learner.micro_batch_seqs=0"], "learner.micro_batch_seqs"),
+    (["learner.logit_chunk_tokens=0"], "learner.logit_chunk_tokens"),
     (["learner.loss_agg=token-sum"], "learner.loss_agg"),
     (["rollout.noise_scale=0"], "rollout"),                       # degenerate density; noise=none instead
     (["rollout.eval_top_p=1.5"], "rollout"),                      # eval sampler validated too

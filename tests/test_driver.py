@@ -38,6 +38,9 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
         assert rec["rollout/tokens"] > 0 and rec["time/step"] > 0
         assert rec["learner/entropy"] > 0 and rec["sync/mb"] > 0  # entropy metric; broadcast sync (default)
         assert rec["rollout_vs_learner/mean_abs_logprob_diff"] <= 1e-5
+        # the probe measures discrete and soft positions apart (both present: soft thinking, then an answer)
+        assert rec["rollout_vs_learner/mean_abs_logprob_diff_discrete"] <= 1e-5
+        assert rec["rollout_vs_learner/mean_abs_logprob_diff_soft"] <= 1e-5
     # colocation: learner rank i and engine i were placed in one placement group (bundle i each)
     where = json.loads((out / "placement.json").read_text())
     groups = {a["placement_group"] for a in where["engines"] + where["learners"]}
@@ -47,7 +50,7 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
     # the parity check fails loudly (a tolerance no rollout can meet stands in for a broken sync)
     from workers.weight_sync import WeightSyncError
 
-    with pytest.raises(WeightSyncError, match="step 1: the rollout engines' log-probs differ"):
+    with pytest.raises(WeightSyncError, match="step 1: the rollout engines' log-probs differ .* at discrete positions"):
         bad = ["learner.sync_probe_tol=1e-30", "trainer.steps=1", "rollout.num_engines=1", "learner.world_size=1",
                "trainer.colocate=false", f"trainer.out_dir={out}-bad"]
         train(load_config("configs/tiny_cpu.yaml", overrides + bad), log=lambda s: None)

@@ -187,3 +187,7 @@ def test_eval_dtype_and_reward_defaults(monkeypatch):
         assert main([*base, *extra]) == 0
         assert (runs[-1].dtype, runs[-1].reward) == (dtype, reward), extra
     assert runs[1].settings.n == 32 and runs[0].settings.n == EvalSettings().n
+    # a model without think tokens: a string marker the thinking budget forces, from the command line
+    assert main([*base, "--think-end", "Final answer:", "--thinking-budget", "64"]) == 0
+    p = runs[-1].settings.params(0)
+    assert (p.think_end, p.thinking_budget) == ("Final answer:", 64)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -81,6 +82,32 @@ def test_engine_step_compiles_without_graph_breaks_and_equals_eager(density):
     saw_forced = bool(eager.h["forced"].any())
     # the steps exercised what a real batch mixes: soft steps, forced marker tokens, the answer phase
     assert saw_soft and saw_forced and not bool(eager.t["thinking"][slots].all())
+
+
+def test_profile_step_leaves_the_store_as_it_was():
+    """The worst-case step run inside vLLM's memory profiling (audit item 6) changes nothing a later
+    request sees: a store profiled once then used gives the outputs and the state of one never profiled."""
+    emb = torch.nn.Embedding(V, 16)
+    embed = emb.weight.detach().__getitem__
+    plain = SoftStateStore(8, 12, WIDTH, 4, "cpu", V)
+    profiled = SoftStateStore(8, 12, WIDTH, 4, "cpu", V)
+    profiled.profile_step(8)
+    assert profiled.free == plain.free and not profiled.n_steps.any() and not profiled.has_budget.any()
+    outs = []
+    for store in (plain, profiled):
+        slots = torch.tensor([store.allocate(p, [V - 3, V - 2, V - 1], 12) for p in REQUESTS])
+        outs.append(_run(store, slots, store.sample_step, store.mixed_inputs, embed))
+    (a_out, a_mix), (b_out, b_mix) = outs
+    for a, b in zip(a_out, b_out, strict=True):
+        for f in dataclasses.fields(a):
+            assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+    for a, b in zip(a_mix, b_mix, strict=True):
+        assert torch.equal(a, b)
+    for name in plain.t:
+        active = slice(0, len(REQUESTS))
+        assert torch.equal(plain.t[name][active], profiled.t[name][active]), name
+    for name in plain.h:
+        assert torch.equal(plain.h[name][: len(REQUESTS), :6], profiled.h[name][: len(REQUESTS), :6]), name
 
 
 def _meta_steps(step_fn, steps: int = 3) -> None:
@@ -174,6 +201,8 @@ def test_gpu_actor_layout_on_logical_gpus():
             assert kw["tensor_parallel_size"] == tp and kw["hf_overrides"] == {"head_dtype": "float32"}
             assert kw.get("distributed_executor_backend") == ("mp" if tp > 1 else None), (name, kw)
             assert kw.get("enable_sleep_mode", False) == (name == "colocated") and kw["enforce_eager"] is False
+            # kept out of the KV cache for the sync: 2 buckets of 256 MB (+ NCCL's buffers for a broadcast)
+            assert kw["sync_reserve_mb"] == (512 if name == "colocated" else 512 + 256), (name, kw)
             assert e["env"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"
             assert not [k for k in e["env"] if k.startswith("VLLM_CPU_") or k == "VLLM_HOST_IP"], e["env"]
         for rank, lr in enumerate(learners):

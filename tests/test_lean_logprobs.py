@@ -56,7 +56,7 @@ def test_micro_batch_of_mixed_noise_settings_scores_each_request_with_its_own(ti
     """One learner micro-batch holding requests drawn with different noise kinds, lambdas, clamps and
     Dirichlet alphas: the lean head path (build_micro_batch -> head_logprobs) equals the HF reference's
     per-trajectory scoring, which uses each request's own settings."""
-    from soft_rl.lean_logprobs import head_logprobs
+    from soft_rl.lean_logprobs import head_logprobs, token_scores
     from soft_rl.learner_batch import build_micro_batch, pad_rows
 
     _, model = tiny_hf
@@ -72,9 +72,10 @@ def test_micro_batch_of_mixed_noise_settings_scores_each_request_with_its_own(ti
             mb = build_micro_batch(model.get_input_embeddings().weight, trajs, density)
             h = model.model(inputs_embeds=mb.inputs_embeds, attention_mask=mb.attention_mask,
                             position_ids=mb.position_ids).last_hidden_state.reshape(-1, head.weight.shape[1])
-            disc_logits = h[mb.disc_rows] @ head.weight.t()
+            disc = ~mb.order_is_soft
+            disc_scores = token_scores(h[mb.disc_rows], head.weight, None, mb.tokens[disc], mb.temperature[disc])
             soft_logits = torch.einsum("nh,nkh->nk", h[mb.soft_rows], head.weight[mb.soft_ids])
-            got = head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens, noisy=mb.noisy,
+            got = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, noisy=mb.noisy,
                                 temperature=mb.temperature, slots=mb.slots, density=density, noise=mb.noise)
             want = []
             for t in trajs:
@@ -83,3 +84,67 @@ def test_micro_batch_of_mixed_noise_settings_scores_each_request_with_its_own(ti
                 want.append(position_logprobs(model(inputs_embeds=x).logits[0, P - 1: P - 1 + R], t, density))
         torch.testing.assert_close(pad_rows(got, mb.lengths), pad_rows(torch.cat(want), mb.lengths), atol=2e-5,
                                    rtol=1e-6)
+
+
+def _head_problem(N=37, H=16, V=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5, torch.randn(V, generator=g),
+            torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g) + 0.5, torch.randn(2, N, generator=g))
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
+def test_chunked_token_scores_equal_the_full_softmax_values_and_gradients(chunk):
+    """token_scores (chunked forward, recomputing backward) against log_softmax and the entropy of one
+    float64 full-vocabulary softmax, with both outputs in the loss (random upstream weights)."""
+    from soft_rl.lean_logprobs import token_scores
+
+    h, W, b, x, T, up = _head_problem()
+
+    def run(chunked: bool):
+        hh, ww, bb = (t.clone().double().requires_grad_() for t in (h, W, b))
+        if chunked:
+            lp, ent = token_scores(hh.float(), ww.float(), bb.float(), x, T, chunk_tokens=chunk)
+        else:
+            logp = torch.log_softmax((hh @ ww.T + bb) / T.double()[:, None], -1)
+            lp, ent = logp.gather(1, x[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+        ((up[0].double() * lp).sum() + (up[1].double() * ent).sum()).backward()
+        return [t.detach().double() for t in (lp, ent, hh.grad, ww.grad, bb.grad)]
+
+    for got, want, name in zip(run(True), run(False), ["logprob", "entropy", "d h", "d W", "d b"], strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=name)
+
+
+def test_chunked_token_scores_never_hold_the_full_logits():
+    """Nothing of N x V elements is kept for the backward (the naive head keeps its logits: the probe
+    sees them), and the forward's largest intermediate is one chunk x V."""
+    from soft_rl.lean_logprobs import token_scores
+
+    h, W, b, x, T, _ = _head_problem(N=64, V=211)
+    h.requires_grad_()
+    W.requires_grad_()
+
+    def largest_saved(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out = fn()
+        out[0].sum().backward()
+        return max(sizes)
+
+    naive = largest_saved(lambda: torch.log_softmax((h @ W.T) / T[:, None], -1).max(-1))
+    chunked = largest_saved(lambda: token_scores(h, W, None, x, T, chunk_tokens=8))
+    assert naive >= 64 * 211
+    assert chunked == max(h.numel(), W.numel())  # the inputs themselves, nothing vocabulary x positions
+
+
+def test_token_scores_upcast_accumulates_bfloat16_weights_in_float32():
+    """upcast (model.head_dtype=float32): bf16 hidden states and head give the float32 logits of the same
+    bf16 values; without it the logits are rounded to bf16 first."""
+    from soft_rl.lean_logprobs import token_scores
+
+    h, W, _, x, T, _ = _head_problem(V=4000)
+    hb, wb = h.bfloat16(), W.bfloat16()
+    want = torch.log_softmax((hb.float() @ wb.float().T) / T[:, None], -1).gather(1, x[:, None]).squeeze(1)
+    up, _ = token_scores(hb, wb, None, x, T, chunk_tokens=7, upcast=True)
+    rounded, _ = token_scores(hb, wb, None, x, T, chunk_tokens=7, upcast=False)
+    torch.testing.assert_close(up, want, atol=1e-5, rtol=1e-6)
+    assert (rounded - want).abs().max() > 1e-3

@@ -41,7 +41,7 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     # ~0 (there m / sqrt(v) is ~ +-1 whatever the noise); 1e-4 keeps the comparison well conditioned.
     cfg = LearnerConfig(**{**dict(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=kl_coef,
                                   entropy_coef=entropy_coef, micro_batch_tokens=64, weight_decay=0.01,
-                                  adam_eps=1e-4, sync_timeout_s=120), **learner_kw})
+                                  adam_eps=1e-4, sync_timeout_s=120, logit_chunk_tokens=7), **learner_kw})
     # independent entropy reference at the initial weights: full HF logits, token mean per mini-batch
     with torch.no_grad():
         _, ents = teacher_forced_logprobs(model, trajs, with_entropy=True)
@@ -67,6 +67,12 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     learners = LearnerGroup(path, cfg)
     kls = []
     try:
+        # ZeRO-3 loads each rank's partition only (zero.Init); ZeRO-2 ranks hold the whole model
+        total = sum(p.numel() for p in model.parameters())
+        if zero_stage == 3:
+            assert max(learners.loaded_elements) < 0.55 * total, (learners.loaded_elements, total)
+        else:
+            assert learners.loaded_elements == [total] * 2
         adv = compute_advantages("grpo", rewards, group)
         for step in range(steps):
             old = learners.logprobs(trajs)

@@ -274,3 +274,36 @@ def test_noise_does_not_depend_on_the_array_width():
             outs.append(soft_sample(z, batch, NoiseCounters(batch.seed, torch.full((3,), 5))))
         assert torch.equal(outs[0].ids, outs[1].ids[:, :4]), noise
         torch.testing.assert_close(outs[0].noisy, outs[1].noisy[:, :4], atol=0, rtol=0)
+
+
+def test_stable_topk_orders_ties_by_token_id_whatever_the_width():
+    """Against a Python sort by (-value, id) on bf16-rounded logits (many ties)."""
+    from soft_rl.sampling import stable_topk
+
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(32, 400, generator=g) * 4).bfloat16().float()
+    z[0, 10:20] = 7.0  # one long tie at the top
+    for c in (1, 5, 37, 400):
+        vals, ids = stable_topk(z, c)
+        want = [sorted(range(400), key=lambda j, b=b: (-z[b, j].item(), j))[:c] for b in range(32)]
+        assert ids.tolist() == want, c
+        assert torch.equal(vals, z.gather(1, ids))
+
+
+def test_a_rows_slots_do_not_depend_on_its_batch_mates_when_logits_tie():
+    """A soft row whose K-th candidate ties with the (K+1)-th gets the same slots, noise and token alone
+    (candidate width K) and beside a discrete full-vocabulary row (width V): audit item 9."""
+    V, K = 64, 4
+    z = torch.full((V,), -2.0)
+    z[[3, 40, 41, 50, 60, 7]] = torch.tensor([4.0, 2.0, 1.0, 1.0, 1.0, 1.0])  # ties across slot K
+    soft = SoftSamplingParams(seed=5, k=K, top_k=K)
+    disc = SoftSamplingParams(seed=6, k=K, soft=False, top_k=-1, answer_top_k=-1)
+    alone = SamplingBatch.from_params([soft], width=K)
+    pair = SamplingBatch.from_params([soft, disc], width=K)
+    a = soft_sample(z[None], alone, NoiseCounters(alone.seed, torch.zeros(1, dtype=torch.int64)), candidates=K)
+    b = soft_sample(torch.stack([z, z]), pair, NoiseCounters(pair.seed, torch.zeros(2, dtype=torch.int64)),
+                    candidates=V)
+    assert a.ids[0].tolist() == b.ids[0].tolist()
+    assert sorted(a.ids[0].tolist()) == [3, 7, 40, 41]  # the tied 1.0s by token id: 7, 41 (then 50, 60)
+    for f in ("noisy", "weights", "token", "logprob"):
+        assert torch.equal(getattr(a, f)[0], getattr(b, f)[0]), f

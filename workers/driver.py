@@ -36,6 +36,7 @@ from soft_rl.data import Problem, filter_overlong, load_problems, render_prompt
 from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.losses import compute_advantages
 from soft_rl.lr_schedule import learning_rate
+from soft_rl.sync_probe import LogprobGaps, default_tolerances
 
 
 def step_seed(seed: int, step: int, index: int) -> int:
@@ -150,6 +151,15 @@ class Actors:
                 self.layout.remove()
 
 
+NCCL_BUFFERS_MB = 256  # NCCL's own buffers for one broadcast communicator (channels x NCCL_BUFFSIZE, with margin)
+
+
+def sync_reserve_mb(lc) -> int:
+    """GPU memory an engine keeps out of its KV cache for weight syncs, which allocate after start-up:
+    a received bucket and the loader's copy of it, plus NCCL's buffers for the broadcast transport."""
+    return 2 * lc.sync_bucket_mb + (NCCL_BUFFERS_MB if lc.sync_transport == "broadcast" else 0)
+
+
 def start_actors(cfg: Config, device: str) -> Actors:
     """Rollout engines, learner ranks and reward actors, placed by ``workers.placement.plan_actors``
     (on GPU each engine holds its tensor-parallel GPUs and each learner rank one)."""
@@ -166,6 +176,7 @@ def start_actors(cfg: Config, device: str) -> Actors:
     engine_env = {}
     if device == "gpu":
         engine_kw["gpu_memory_utilization"] = r.gpu_memory_utilization
+        engine_kw["sync_reserve_mb"] = sync_reserve_mb(lc)
         if cfg.trainer.colocate:
             engine_kw["enable_sleep_mode"] = True
     else:
@@ -206,8 +217,7 @@ def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool
     # Parity check of every sync, at no extra cost: the learners rescore each rollout anyway (the old
     # log-probs), and an engine holding other weights than the learners shows up as a mean |engine -
     # learner| log-prob difference far above rounding. It runs before the batch is used.
-    probe_tol = lc.sync_probe_tol if lc.sync_probe_tol is not None else \
-        (1e-3 if cfg.model.dtype == "float32" else 5e-2)
+    probe_tol = default_tolerances(cfg.model.dtype, lc.sync_probe_tol, lc.sync_probe_tol_soft)
 
     def sync_engines() -> dict[str, float]:
         if sleep_engines:  # colocated: the learners hand their cached GPU memory back before the engines wake
@@ -260,14 +270,12 @@ def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool
             adv = compute_advantages(lc.advantage, rewards, group)
             old = learners.logprobs(trajs)
             ref = learners.logprobs(trajs, "ref") if lc.kl_coef else None
-            gaps = [(o - t.logprobs).abs() for o, t in zip(old, trajs, strict=True)]
-            diff = max(float(g.max()) for g in gaps)
-            mean_diff = sum(float(g.sum()) for g in gaps) / max(sum(g.numel() for g in gaps), 1)
-            if lc.sync_probe and not mean_diff <= probe_tol:
+            gaps = LogprobGaps.measure(old, trajs)
+            if lc.sync_probe and (bad := gaps.violation(*probe_tol)):
                 raise WeightSyncError(
-                    f"step {step + 1}: the rollout engines' log-probs differ from the learners' by {mean_diff:.3g} "
-                    f"per token on average (max {diff:.3g}; learner.sync_probe_tol={probe_tol:g}): the engines do "
-                    "not hold the learners' weights (a failed or partial weight sync, or a model/dtype mismatch)")
+                    f"step {step + 1}: the rollout engines' log-probs differ from the learners' at {bad}: the "
+                    "engines do not hold the learners' weights (a failed or partial weight sync, or a model/dtype "
+                    "mismatch)")
             t_old = time.perf_counter()
             metrics: dict = {}
             lr = learning_rate(lc.lr, step, cfg.trainer.steps, schedule=lc.lr_schedule,
@@ -287,7 +295,7 @@ def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool
                 "reward/failures": rewards_pool.failures(), "rollout/tokens": n_tok,
                 "rollout/soft_frac": sum(t.num_soft for t in trajs) / max(n_tok, 1),
                 "rollout/think_len": sum(t.n_think for t in trajs) / len(trajs),
-                "rollout_vs_learner/max_abs_logprob_diff": diff, "rollout_vs_learner/mean_abs_logprob_diff": mean_diff,
+                **gaps.metrics(),
                 "time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/old_logprobs": t_old - t_rew,
                 "time/update": t_upd - t_old, "time/sync": t_end - t_upd, "time/step": t_end - t0,
                 "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),

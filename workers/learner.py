@@ -34,7 +34,7 @@ except ModuleNotFoundError:  # LearnerWorker itself runs without Ray (tests/gpu 
     ray = None
 
 from soft_rl.config import LearnerConfig
-from soft_rl.lean_logprobs import head_logprobs
+from soft_rl.lean_logprobs import head_logprobs, token_scores
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, aggregate_parts, kl_penalty, ppo_token_losses
 from soft_rl.lr_schedule import set_learning_rate
@@ -49,15 +49,20 @@ class PolicyWithSoftHead(torch.nn.Module):
     whole forward and routes its gradient.
     """
 
-    def __init__(self, hf_model, head_fp32: bool = True):
+    def __init__(self, hf_model, head_fp32: bool = True, logit_chunk_tokens: int = 2048):
         super().__init__()
         self.hf = hf_model
         self.head_fp32 = head_fp32  # logits in float32 whatever the model dtype (model.head_dtype)
+        self.logit_chunk_tokens = logit_chunk_tokens  # full-vocabulary logits alive at a time: chunk x V
 
     def backbone(self):
         return getattr(self.hf, self.hf.base_model_prefix)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, disc_rows, soft_rows, soft_ids):
+    def forward(self, inputs_embeds, attention_mask, position_ids, disc_rows, soft_rows, soft_ids,
+                disc_tokens, disc_temperature):
+        """(log-probs and entropies [2, Nd] of the discrete positions' tokens, logits [Ns, K] at the soft
+        positions' stored ids). One tensor per kind: ZeRO-3 records a backward hook per output tensor that
+        receives a gradient, and its module trace must not depend on whether the loss uses the entropy."""
         h = self.backbone()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             position_ids=position_ids).last_hidden_state
         flat = h.reshape(-1, h.shape[-1])
@@ -69,16 +74,9 @@ class PolicyWithSoftHead(torch.nn.Module):
         soft_logits = torch.einsum("nh,nkh->nk", hs, ws)
         if head.bias is not None:
             soft_logits = soft_logits + head.bias[soft_ids].to(soft_logits.dtype)
-        hd = flat[disc_rows]
-        if not up:
-            disc_logits = head(hd)
-        elif hd.is_cuda:  # accumulate straight into float32, without a float32 copy of the vocabulary matrix
-            disc_logits = torch.mm(hd, head.weight.t(), out_dtype=torch.float32)
-        else:
-            disc_logits = torch.nn.functional.linear(hd.float(), head.weight.float())
-        if up and head.bias is not None:
-            disc_logits = disc_logits + head.bias.float()
-        return disc_logits, soft_logits
+        disc = token_scores(flat[disc_rows], head.weight, head.bias, disc_tokens, disc_temperature,
+                            chunk_tokens=self.logit_chunk_tokens, upcast=self.head_fp32)
+        return torch.stack(disc), soft_logits
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -156,45 +154,58 @@ class LearnerWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def init(self, addr: str, port: int) -> int:
+        """Join the data-parallel group and load the policy (and reference) model; returns the number of
+        parameter elements this rank held right after loading (ZeRO-3: its partition only)."""
         # DeepSpeed JIT-builds its C++ ops with the first `ninja` on PATH; a different one (venv vs system)
         # invalidates the build cache and costs a full rebuild, so always use this interpreter's.
         venv_bin = os.path.dirname(sys.executable)
         if os.environ.get("PATH", "").split(os.pathsep)[0] != venv_bin:
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(self.world_size))
         deepspeed.init_distributed(dist_backend=self.backend, rank=self.rank, world_size=self.world_size,
                                    verbose=False, timeout=timedelta(seconds=self.cfg.sync_timeout_s))
         torch.manual_seed(self.seed)
-        torch_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
-        hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        hf.config.use_cache = False
-        if self.cfg.gradient_checkpointing:  # non-reentrant: the soft inputs are detached embeddings
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.policy = PolicyWithSoftHead(hf, self.head_fp32)
         c = self.cfg
+        ds_config = deepspeed_config(c, self.dtype)
+        if c.zero_stage == 3:
+            # transformers builds the model inside deepspeed.zero.Init while this object lives: each rank
+            # allocates only its partition and the checkpoint is copied in tensor by tensor, so no rank
+            # ever holds the whole model (in bf16 runs the fp32 master starts from the bf16 weights).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_loading = HfDeepSpeedConfig(ds_config)
+        hf = self._load_hf()
+        loaded = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in hf.parameters())
+        if c.gradient_checkpointing:  # non-reentrant: the soft inputs are detached embeddings
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = PolicyWithSoftHead(hf, self.head_fp32, c.logit_chunk_tokens)
         opt = GuardedAdamW(self.policy.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
                            weight_decay=c.weight_decay)
         self.optimizer = opt
-        self.engine, *_ = deepspeed.initialize(model=self.policy, optimizer=opt,
-                                               config=deepspeed_config(c, self.dtype))
+        self.engine, *_ = deepspeed.initialize(model=self.policy, optimizer=opt, config=ds_config)
         self._register_head(self.engine.module)
-        self.compute_dtype = torch_dtype
+        self.compute_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         if c.kl_coef:
-            ref_hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-            ref_hf.config.use_cache = False
-            ref = PolicyWithSoftHead(ref_hf, self.head_fp32).eval().requires_grad_(False)
+            ref = PolicyWithSoftHead(self._load_hf(), self.head_fp32, c.logit_chunk_tokens).eval()
+            ref.requires_grad_(False)
             if c.zero_stage == 3:
                 ref_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                            "bf16": {"enabled": self.dtype == "bfloat16"}, "steps_per_print": 1 << 30}
                 self.ref, *_ = deepspeed.initialize(model=ref, config=ref_cfg)
                 self._register_head(self.ref.module)
             else:  # on the learner's device (it stayed on the host before: audit item 10)
-                self.ref = ref.to(device=self._device(), dtype=torch_dtype)
-        return self.rank
+                self.ref = ref.to(device=self._device(), dtype=self.compute_dtype)
+        return loaded
+
+    def _load_hf(self):
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        hf.config.use_cache = False
+        return hf
 
     def _register_head(self, module: PolicyWithSoftHead) -> None:
         import deepspeed
@@ -221,9 +232,11 @@ class LearnerWorker:
         trajectory lengths; with ``with_entropy`` the log-probs are a (log-probs, entropies) pair."""
         module = engine.module if hasattr(engine, "module") else engine
         mb = self._micro_batch(module, trajs)
-        disc_logits, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
-                                          mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids)
-        return head_logprobs(disc_logits, soft_logits, is_soft=mb.order_is_soft, tokens=mb.tokens,
+        disc = ~mb.order_is_soft
+        disc_scores, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
+                                          mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids,
+                                          mb.tokens[disc], mb.temperature[disc])
+        return head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft,
                              noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
                              noise=mb.noise, with_entropy=with_entropy, entropy_grad=entropy_grad), mb.lengths
 
@@ -440,7 +453,8 @@ class LearnerGroup:
         self.actors = [actor.options(**{**base, **(actor_options[r] if actor_options else {})})
                        .remote(r, n, model_path, asdict(cfg), dtype, seed, device, head_dtype) for r in range(n)]
         addr, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.init.remote(addr, port) for a in self.actors])
+        # parameter elements each rank held right after loading (ZeRO-3: its partition, not the model)
+        self.loaded_elements = ray.get([a.init.remote(addr, port) for a in self.actors])
 
     def _shard(self, trajs: Sequence[Trajectory]) -> tuple[list[list[list[Trajectory]]], list[list[list[int]]]]:
         """Contiguous shards per rank, each cut into micro-batches by the token budget and padded
@@ -502,13 +516,17 @@ class LearnerGroup:
     def release_memory(self) -> None:
         ray.get([a.release_memory.remote() for a in self.actors])
 
+    def bucket_layout(self, bucket_mb: float) -> list:
+        """The sync's bucket plan (``workers.weight_broadcast.plan_buckets``) of rank 0's weights."""
+        from workers.weight_broadcast import plan_buckets
+
+        return plan_buckets(ray.get(self.actors[0].weight_specs.remote()), bucket_mb)
+
     def weight_buckets(self, bucket_mb: float) -> tuple[list, list, list]:
         """Object refs of the weights, bucket by bucket (``LearnerWorker.weight_bucket``: rank 0, model dtype,
         the broadcast's bucket plan), the refs of the other ranks' part (ZeRO-3 gathers; wait on them),
         and the plan. Nothing passes through the driver: the refs go to the engines as they are."""
-        from workers.weight_broadcast import plan_buckets
-
-        layout = plan_buckets(ray.get(self.actors[0].weight_specs.remote()), bucket_mb)
+        layout = self.bucket_layout(bucket_mb)
         refs, others = [], []
         for b in layout:
             if self.cfg.zero_stage == 3:  # the gather is a collective

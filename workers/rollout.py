@@ -8,8 +8,9 @@
 Weight sync, two receiving paths (both reload in place with vLLM's ``reload_weights``; on CPU
 ``load_weights`` fails after start-up):
 
-* object store: ``update_weights`` takes (name, tensor) pairs; ``load_weight_buckets`` takes the object
-  refs of a bucketed sync and streams them into one reload;
+* object store: ``update_weights`` takes (name, tensor) pairs; ``pull_weight_buckets`` fetches a
+  bucketed sync from learner rank 0 one bucket ahead, and ``load_weight_buckets`` takes the object refs
+  of one (ZeRO-3, where the driver drives the collective gathers); both stream into one reload;
 * broadcast group: ``join_weight_group`` makes every worker process of the engine (each TP rank) a
   rank of a torch.distributed group whose rank 0 is learner rank 0 (NCCL on GPU, gloo on CPU);
   ``receive_weights(layout)`` then streams the broadcast buckets straight into the model loader.
@@ -66,6 +67,13 @@ class RolloutRequest:
     max_new_tokens: int
 
 
+def _tensors(buckets: Iterable[list]) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a stream of buckets, each dropped as soon as it is handed on."""
+    for bucket in buckets:
+        while bucket:
+            yield bucket.pop(0)
+
+
 class RolloutWorker:
     """Owns one ``SoftEngine`` (tensor-parallel size from ``engine_kwargs``); used as a Ray actor."""
 
@@ -103,13 +111,33 @@ class RolloutWorker:
         if not refs:
             raise RuntimeError("load_weight_buckets: no buckets")
 
-        def stream():
-            for ref in refs:
-                bucket = ray.get(ref)
-                while bucket:
-                    yield bucket.pop(0)
+        def fetched():
+            for i in range(len(refs)):
+                ref, refs[i] = refs[i], None  # the bucket leaves the object store once every engine has it
+                yield ray.get(ref)
 
-        return self.engine.update_weights(stream())
+        return self.engine.update_weights(_tensors(fetched()))
+
+    def pull_weight_buckets(self, source, bucket_names: list[list[str]]) -> int:
+        """One object-store sync pulled from ``source`` (learner rank 0's actor: ``weight_bucket(names)``),
+        one bucket ahead of the loader: at most two buckets of this sync exist in the object store at a
+        time, whatever the model's size (the driver-submitted path holds all of them at once)."""
+        import ray
+
+        if not bucket_names:
+            raise RuntimeError("pull_weight_buckets: no buckets")
+
+        def pulled():
+            ahead = source.weight_bucket.remote(bucket_names[0])
+            for i in range(len(bucket_names)):
+                ref = ahead
+                if i + 1 < len(bucket_names):
+                    ahead = source.weight_bucket.remote(bucket_names[i + 1])
+                bucket = ray.get(ref)
+                del ref
+                yield bucket
+
+        return self.engine.update_weights(_tensors(pulled()))
 
     # broadcast transport (see workers.weight_sync.BroadcastChannel)
     def num_ranks(self) -> int:

@@ -170,19 +170,27 @@ def sync_weights(learners, pool, *, bucket_mb: float = 256, timeout_s: float = 6
         if probe:
             metrics["sync/probe_max_abs_diff"] = check_parity(learners, pool, probe, tol, timeout_s)
         return metrics
-    if state is None:  # rank 0's buckets, in the model dtype, straight from the learner to the engines
-        refs, others, layout = learners.weight_buckets(bucket_mb)
-        nbytes = sum(b.nbytes for b in layout)
-    else:  # an explicit state (tests): the same plan, put from here
-        buckets = make_buckets(state, bucket_mb)
-        refs, others = [ray.put(b) for b in buckets], []
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    loads = [w.load_weight_buckets.remote(refs) for w in pool.workers]
+    others: list = []
+    if state is None and learners.cfg.zero_stage < 3:
+        # rank 0 holds full weights: each engine pulls the buckets itself, one ahead of its loader, so at
+        # most two buckets per engine are ever in the object store (model dtype, straight from the learner)
+        layout = learners.bucket_layout(bucket_mb)
+        nbytes, n_buckets = sum(b.nbytes for b in layout), len(layout)
+        loads = [w.pull_weight_buckets.remote(learners.actors[0], [b.names for b in layout]) for w in pool.workers]
+    else:
+        if state is None:  # ZeRO-3: every rank joins each bucket's gather, so the driver submits them all
+            refs, others, layout = learners.weight_buckets(bucket_mb)
+            nbytes = sum(b.nbytes for b in layout)
+        else:  # an explicit state (tests): the same plan, put from here
+            buckets = make_buckets(state, bucket_mb)
+            refs = [ray.put(b) for b in buckets]
+            nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        n_buckets = len(refs)
+        loads = [w.load_weight_buckets.remote(refs) for w in pool.workers]
+        del refs  # the engines hold the only references: each bucket leaves the store once all loaded it
     for i, ref in enumerate(loads):
         _get(ref, timeout_s, "loading the weight buckets", i)
     ray.get(others, timeout=timeout_s)
-    n_buckets = len(refs)
-    del refs  # the buckets leave the object store
     metrics = {"sync/total_s": time.perf_counter() - t0, "sync/buckets": float(n_buckets), "sync/mb": nbytes / 2**20}
     if probe:
         metrics["sync/probe_max_abs_diff"] = check_parity(learners, pool, probe, tol, timeout_s)

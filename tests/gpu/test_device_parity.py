@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from soft_rl.densities import RowNoise, soft_logprob
-from soft_rl.lean_logprobs import head_logprobs
+from soft_rl.lean_logprobs import head_logprobs, token_scores
 from soft_rl.rng import NoiseCounters
 from soft_rl.sampling import SamplingBatch, SoftSamplingParams, soft_sample
 from tests.gpu.gpu_report import report
@@ -53,9 +53,10 @@ def test_densities_and_lean_logprobs_on_the_device_equal_the_cpu(device):
 
     def run(dev):
         h, w = hidden.to(dev).requires_grad_(), W.to(dev).requires_grad_()
-        disc = h[~is_soft.to(dev)] @ w.T
+        d = ~is_soft.to(dev)
+        disc = token_scores(h[d], w, None, tokens.to(dev)[d], temperature.to(dev)[d], chunk_tokens=64)
         soft = torch.einsum("nh,nkh->nk", h[is_soft.to(dev)], w[ids.to(dev)[is_soft.to(dev)]])
-        lp, ent = head_logprobs(disc, soft, is_soft=is_soft.to(dev), tokens=tokens.to(dev), noisy=noisy.to(dev),
+        lp, ent = head_logprobs(disc, soft, is_soft=is_soft.to(dev), noisy=noisy.to(dev),
                                 temperature=temperature.to(dev), slots=slots.to(dev), density="official",
                                 noise=noise.to(dev), with_entropy=True)
         (lp.sum() + ent.sum()).backward()
@@ -132,3 +133,17 @@ def test_single_process_update_on_the_device_tracks_the_cpu(device, tiny, dtype)
         assert worst <= 1e-5 + 1e-3 * step
     else:  # bf16 weights: the update must still be the CPU's, within bf16 rounding of the weights
         assert worst <= 0.5 * step + 2 ** -7 * max(p.abs().max().item() for p in start.values())
+
+
+def test_learner_rebuilds_the_engines_mixture_weights_bit_for_bit_on_the_device(device):
+    """The weights the engine mixed with (computed on its device) equal, bit for bit, the weights the learner
+    rebuilds from the stored values on the same kind of device (``rebuild_weights(traj, device)``, audit 13)."""
+    from soft_rl.densities import soft_weights
+
+    out = _sample(device)
+    soft = out.is_soft
+    for i in soft.nonzero().flatten().tolist():
+        p = PARAMS[i]
+        valid = torch.arange(5, device=device) < p.k  # Trajectory.slot_valid
+        w = soft_weights(out.noisy[i], p.noise, p.tau, valid)
+        assert torch.equal(w, out.weights[i]), i

@@ -95,7 +95,8 @@ class SoftEngine:
     """
 
     def __init__(self, model_dir: str, *, max_k: int = 8, max_new_tokens: int = 256, marker_width: int = 8,
-                 density: str = "official", prefix_caching: str = PREFIX_CACHING_DEFAULT, **llm_kwargs):
+                 density: str = "official", prefix_caching: str = PREFIX_CACHING_DEFAULT, sync_reserve_mb: int = 0,
+                 **llm_kwargs):
         from vllm import LLM
 
         if prefix_caching not in PREFIX_CACHING_MODES:
@@ -117,7 +118,8 @@ class SoftEngine:
             enable_prefix_caching=cache,
             async_scheduling=False,
             additional_config={"soft_rl": {"max_k": max_k, "gen_len": max_new_tokens,
-                                           "marker_width": marker_width, "density": density}},
+                                           "marker_width": marker_width, "density": density,
+                                           "reserve_mb": int(sync_reserve_mb)}},
         )
         if cache:
             kw["scheduler_cls"] = "workers.vllm_soft.scheduler.PromptCacheScheduler"

@@ -45,7 +45,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from soft_rl.densities import DENSITY_MODES
-from soft_rl.engine_state import SoftStateStore
+from soft_rl.engine_state import IndexStaging, SoftStateStore
 from soft_rl.sampling import SoftSamplingParams
 
 EXTRA_KEY = "soft_rl"  # SamplingParams.extra_args[EXTRA_KEY] = request dict (see engine.request_dict)
@@ -70,6 +70,7 @@ class SoftThinkingMixin:
         self._soft_gen_len = int(cfg.get("gen_len", 256))
         self._soft_marker_width = int(cfg.get("marker_width", 8))
         self._soft_density = cfg.get("density", "official")
+        self._soft_reserve_mb = int(cfg.get("reserve_mb", 0))  # weight-sync buffers allocated after start-up
         if self._soft_density not in DENSITY_MODES:
             raise ValueError(f"density must be one of {DENSITY_MODES}, got {self._soft_density!r}")
         if self.parallel_config.pipeline_parallel_size != 1:
@@ -77,13 +78,15 @@ class SoftThinkingMixin:
         if not self.enable_prompt_embeds:
             raise ValueError("soft thinking needs enable_prompt_embeds=True (the model must read inputs_embeds)")
         self._soft_store: SoftStateStore | None = None  # built lazily: vocab size known after load_model
+        self._soft_staging = IndexStaging(self.device)  # per-step index vectors, pinned on CUDA
         self._soft_slot: dict[str, int] = {}  # vLLM request id -> slot
         self._soft_meta: dict[int, dict[str, Any]] = {}  # slot -> {key, req_id}
         self._soft_debug_slots: set[int] = set()  # slots whose raw logits are kept (tests)
         self._soft_by_key: dict[str, str] = {}  # front-end key -> vLLM request id
         self._soft_done: dict[str, dict[str, np.ndarray]] = {}  # finished, not yet fetched
         self._soft_debug: dict[str, list[torch.Tensor]] = {}  # key -> per-step raw logits (tests)
-        self._soft_stats = {"soft_rl_requests": 0, "sampled_rows": 0, "mixed_inputs": 0, "restored_positions": 0}
+        self._soft_stats = {"soft_rl_requests": 0, "sampled_rows": 0, "mixed_inputs": 0, "restored_positions": 0,
+                            "profiled_rows": 0, "reserved_mb": 0}
 
     def _soft_get_store(self) -> SoftStateStore:
         if self._soft_store is None:
@@ -91,6 +94,23 @@ class SoftThinkingMixin:
             self._soft_store = SoftStateStore(slots, self._soft_gen_len, self._soft_width, self._soft_marker_width,
                                               self.device, self.input_batch.vocab_size)
         return self._soft_store
+
+    def profile_run(self, *args, **kwargs) -> None:
+        super().profile_run(*args, **kwargs)
+        self._soft_reserve_memory()
+
+    def _soft_reserve_memory(self) -> None:
+        """Build the soft state and run the sampler's worst case now, inside vLLM's memory profiling
+        (GPU: ``profile_run``; CPU: before ``determine_available_memory``), so that the KV cache is sized
+        around both rather than over them (gpu-audit item 6); likewise the weight sync's buffers
+        (``reserve_mb``: its receive buckets and, for the NCCL broadcast, NCCL's own; audit item 12)."""
+        store = self._soft_get_store()
+        store.profile_step(int(self.scheduler_config.max_num_seqs))  # float32 logits: model.head_dtype
+        self._soft_stats["profiled_rows"] = min(int(self.scheduler_config.max_num_seqs), store.slots)
+        if self._soft_reserve_mb:  # raise the measured peak by what a weight sync will need later
+            reserve = torch.empty(self._soft_reserve_mb << 20, dtype=torch.uint8, device=self.device)
+            del reserve
+        self._soft_stats["reserved_mb"] = self._soft_reserve_mb
 
     # ------------------------------------------------------------------ request lifecycle
     def _soft_register(self, req_id: str, sampling_params) -> None:
@@ -174,7 +194,7 @@ class SoftThinkingMixin:
             tok_slot, step, flat = tok_slot[keep], step[keep], flat[keep]
         if step.size == 0:
             return out
-        idx = torch.from_numpy(np.stack([tok_slot, step, flat])).to(self.device, non_blocking=True)
+        idx = self._soft_staging("inputs", tok_slot, step, flat)
         mixed = self._soft_store.mixed_inputs(self.model.embed_input_ids, idx[0], idx[1])
         inputs_embeds.index_copy_(0, idx[2], mixed.to(inputs_embeds.dtype))
         self._soft_stats["mixed_inputs"] += int(step.size)
@@ -194,7 +214,7 @@ class SoftThinkingMixin:
         # the step index of each row = steps recorded so far (== len(output_token_ids), also after a
         # preemption; SoftEngine.generate checks the final counts against vLLM's outputs)
         steps = store.n_steps[slots]
-        idx = torch.from_numpy(np.stack([rows, slots, steps])).to(self.device, non_blocking=True)
+        idx = self._soft_staging("sample", rows, slots, steps)
         rows_t, slots_t, steps_t = idx[0], idx[1], idx[2]
         if rows.size == logits.shape[0] and rows[-1] == rows.size - 1:
             z = logits  # every row is a soft_rl request (rows are 0..n-1); soft_sample does not modify it
@@ -325,6 +345,12 @@ class SoftCPUWorker(_SoftWorkerMethods, CPUWorker):
     def init_device(self):
         super().init_device()
         _install(self.model_runner, SoftCPUModelRunner)
+
+    def determine_available_memory(self) -> int:
+        # vLLM on CPU sizes its KV cache from free host memory without a profile run (unless compiling)
+        if not self.model_runner._soft_stats["profiled_rows"]:
+            self.model_runner._soft_reserve_memory()
+        return super().determine_available_memory()
 
 
 class SoftGPUWorker(_SoftWorkerMethods, GPUWorker):
