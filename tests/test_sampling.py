@@ -277,7 +277,7 @@ def test_noise_does_not_depend_on_the_array_width():
 
 
 def test_stable_topk_orders_ties_by_token_id_whatever_the_width():
-    """Against a Python sort by (-value, id) on bf16-rounded logits (many ties)."""
+    """Against a Python sort by (-value, id) on bf16-rounded logits (many ties; none wider than TIE_WINDOW)."""
     from soft_rl.sampling import stable_topk
 
     g = torch.Generator().manual_seed(0)

@@ -159,8 +159,9 @@ class SoftEngine:
         return d
 
     def sampling_params(self, params: SoftSamplingParams | None, max_new_tokens: int, key: str,
-                        debug_logits: bool = False, **plain):
-        """vLLM SamplingParams of one request: soft_rl (greedy on vLLM's side, overridden) or plain."""
+                        debug_logits: bool = False, ignore_eos: bool = False, **plain):
+        """vLLM SamplingParams of one request: soft_rl (greedy on vLLM's side, overridden) or plain.
+        ``ignore_eos``: decode exactly ``max_new_tokens`` (benchmarks)."""
         from vllm import SamplingParams
 
         if params is None:
@@ -169,7 +170,7 @@ class SoftEngine:
             raise ValueError(f"max_new_tokens={max_new_tokens} > the engine's {self.max_new_tokens}")
         if params.k > self.max_k:
             raise ValueError(f"k={params.k} > the engine's max_k={self.max_k}")
-        return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False,
+        return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False, ignore_eos=ignore_eos,
                               extra_args={"soft_rl": self.request_dict(params, key, debug_logits)})
 
     def _count(self, outs) -> None:
@@ -178,10 +179,12 @@ class SoftEngine:
             self._cache_counts["prefix_cached_tokens"] += int(o.num_cached_tokens or 0)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SoftSamplingParams],
-                 max_new_tokens: int | Sequence[int], debug_logits: bool = False) -> list[Trajectory]:
+                 max_new_tokens: int | Sequence[int], debug_logits: bool = False,
+                 ignore_eos: bool = False) -> list[Trajectory]:
         """One trajectory per prompt (token-id lists), in order. Arrays are max(k) wide, as the reference's.
 
-        ``max_new_tokens``: one limit for all requests, or one per request.
+        ``max_new_tokens``: one limit for all requests, or one per request; ``ignore_eos``: decode them all
+        (benchmarks).
         """
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
@@ -191,7 +194,8 @@ class SoftEngine:
         if len(limits) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(limits)} max_new_tokens")
         keys = [uuid.uuid4().hex for _ in prompts]
-        sps = [self.sampling_params(p, n, k, debug_logits) for p, n, k in zip(params, limits, keys, strict=True)]
+        sps = [self.sampling_params(p, n, k, debug_logits, ignore_eos) for p, n, k in zip(params, limits, keys,
+                                                                                          strict=True)]
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompts], sps, use_tqdm=False)
         self._count(outs)
         data = self.fetch(keys)
