@@ -77,7 +77,7 @@ class SoftThinkingMixin:
             raise ValueError("soft thinking needs pipeline_parallel_size=1 (sampling and inputs on one rank)")
         if not self.enable_prompt_embeds:
             raise ValueError("soft thinking needs enable_prompt_embeds=True (the model must read inputs_embeds)")
-        self._soft_store: SoftStateStore | None = None  # built lazily: vocab size known after load_model
+        self._soft_store: SoftStateStore | None = None  # built in memory profiling, after load_model (vocab size)
         self._soft_staging = IndexStaging(self.device)  # per-step index vectors, pinned on CUDA
         self._soft_slot: dict[str, int] = {}  # vLLM request id -> slot
         self._soft_meta: dict[int, dict[str, Any]] = {}  # slot -> {key, req_id}
