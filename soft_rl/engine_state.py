@@ -165,16 +165,17 @@ class SoftStateStore:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
-    def profile_step(self, rows: int, logits_dtype: torch.dtype = torch.float32) -> None:
+    def profile_step(self, rows: int) -> int:
         """One worst-case step on dummy logits, then the store as it was: ``rows`` requests (vLLM's
         ``max_num_seqs``), full-vocabulary candidates, every noise kind, a thinking budget. Run inside
         vLLM's memory profiling (before the KV cache is sized), it makes the allocator's peak cover
-        ``soft_sample``'s [rows x vocabulary] temporaries, which vLLM's own dummy sampler run does not."""
+        ``soft_sample``'s [rows x vocabulary] temporaries, which vLLM's own dummy sampler run does not.
+        Float32 logits (model.head_dtype), the largest. Returns the rows run (at most the store's slots)."""
         rows = min(int(rows), self.slots)
         free, saved = list(self.free), {n: a.copy() for n, a in self._host_facts().items()}
         params = SoftSamplingParams(k=self.width, top_k=self.width, thinking_budget=1, answer_top_k=-1)
         slots = [self.allocate(params, [0], 1) for _ in range(rows)]
-        logits = torch.randn(rows, self.vocab_size, device=self.device).to(logits_dtype)
+        logits = torch.randn(rows, self.vocab_size, device=self.device)
         slots_t = torch.as_tensor(slots, device=self.device)
         self.sample_step(logits, slots_t, torch.zeros_like(slots_t), has_budget=True, density="official",
                          candidates=self.vocab_size, kinds=tuple(NOISE_KINDS))
@@ -182,6 +183,7 @@ class SoftStateStore:
         self.free = free
         for name, arr in saved.items():
             setattr(self, name, arr)
+        return rows
 
     def _host_facts(self) -> dict[str, np.ndarray]:
         return {"need_c": self.need_c, "noise_code": self.noise_code, "n_steps": self.n_steps,

@@ -73,11 +73,11 @@ class _TokenScores(torch.autograd.Function):
             g = -p * (g_lp[s: s + chunk, None] + g_ent[s: s + chunk, None] * (u - mean_u[s: s + chunk, None]))
             g.scatter_add_(1, tokens[s: s + chunk, None], g_lp[s: s + chunk, None])
             g = g / t  # d / d z
-            gm = g if not upcast else g.to(weight.dtype)
+            gm = g.to(weight.dtype)
             if need_h:
-                grad_h[s: s + chunk] = (_head_mm(gm, weight) if upcast else gm.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[s: s + chunk] = (_head_mm(gm, weight) if upcast else gm @ weight).to(h.dtype)
             if need_w:
-                grad_w += _head_mm(gm.t().contiguous(), h) if upcast else (gm.to(weight.dtype).t() @ h).float()
+                grad_w += _head_mm(gm.t().contiguous(), h) if upcast else (gm.t() @ h).float()
             if need_b:
                 grad_b += g.sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),

@@ -4,9 +4,9 @@ The learners rescore every rollout anyway (the PPO old log-probs), so comparing 
 log-probs with the engine's costs nothing. Discrete and soft positions are measured apart because
 they react differently to rounding: a discrete position's log-prob moves by about the logit error,
 while a soft position's Gumbel log-density divides the K logits by tau_g (0.1 by default) and so
-moves by about ten times as much. The default tolerances (``default_tolerances``) come from
-measuring healthy runs of the toy task (float32 and bfloat16, docs in README: "Weight-sync parity
-probe") with a margin; a stale or partial sync moves both by orders of magnitude more.
+moves by about ten times as much. The default tolerances (``DEFAULT_TOLERANCES``) come from
+measuring healthy runs (the toy task in float32 and bfloat16, SmolLM2-135M in float32; README,
+"Weight sync") with a margin; a stale or partial sync moves them by orders of magnitude more.
 """
 
 from __future__ import annotations

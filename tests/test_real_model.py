@@ -8,6 +8,7 @@ tokens: thinking ends at a string marker that the thinking budget forces. Float3
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def test_learners_score_like_hf_and_update_like_one_process(ray_cluster, smol, s
 
     out, tok, model = smol
     ps, params = prompts(tok), soft_params()
-    trajs = smol_engine.generate(ps + ps, params + [dataclass_copy(p, seed=p.seed + 10) for p in params],
+    trajs = smol_engine.generate(ps + ps, params + [dataclasses.replace(p, seed=p.seed + 10) for p in params],
                                  max_new_tokens=24)
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     group = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -267,9 +268,3 @@ def test_two_step_train_syncs_and_its_export_reloads_equal(ray_cluster, smol, sm
         k = a.sampling.k
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.topk_ids[:, :k], b.topk_ids[:, :k])
         torch.testing.assert_close(a.noisy[:, :k], b.noisy[:, :k], atol=1e-4, rtol=0)
-
-
-def dataclass_copy(p, **kw):
-    import dataclasses
-
-    return dataclasses.replace(p, **kw)

@@ -524,17 +524,15 @@ class LearnerGroup:
 
     def weight_buckets(self, bucket_mb: float) -> tuple[list, list, list]:
         """Object refs of the weights, bucket by bucket (``LearnerWorker.weight_bucket``: rank 0, model dtype,
-        the broadcast's bucket plan), the refs of the other ranks' part (ZeRO-3 gathers; wait on them),
-        and the plan. Nothing passes through the driver: the refs go to the engines as they are."""
+        the broadcast's bucket plan), the refs of the other ranks' part (wait on them), and the plan. Every
+        rank joins each bucket, as ZeRO-3's gathers are collectives (under ZeRO 0-2 the engines pull from
+        rank 0 instead: ``RolloutWorker.pull_weight_buckets``). The refs go to the engines as they are."""
         layout = self.bucket_layout(bucket_mb)
         refs, others = [], []
         for b in layout:
-            if self.cfg.zero_stage == 3:  # the gather is a collective
-                rs = [a.weight_bucket.remote(b.names) for a in self.actors]
-                refs.append(rs[0])
-                others += rs[1:]
-            else:  # ZeRO 0-2 keep full parameters on every rank: rank 0 alone sends
-                refs.append(self.actors[0].weight_bucket.remote(b.names))
+            rs = [a.weight_bucket.remote(b.names) for a in self.actors]
+            refs.append(rs[0])
+            others += rs[1:]
         return refs, others, layout
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

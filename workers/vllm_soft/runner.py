@@ -104,9 +104,7 @@ class SoftThinkingMixin:
         (GPU: ``profile_run``; CPU: before ``determine_available_memory``), so that the KV cache is sized
         around both rather than over them (gpu-audit item 6); likewise the weight sync's buffers
         (``reserve_mb``: its receive buckets and, for the NCCL broadcast, NCCL's own; audit item 12)."""
-        store = self._soft_get_store()
-        store.profile_step(int(self.scheduler_config.max_num_seqs))  # float32 logits: model.head_dtype
-        self._soft_stats["profiled_rows"] = min(int(self.scheduler_config.max_num_seqs), store.slots)
+        self._soft_stats["profiled_rows"] = self._soft_get_store().profile_step(int(self.scheduler_config.max_num_seqs))
         if self._soft_reserve_mb:  # raise the measured peak by what a weight sync will need later
             reserve = torch.empty(self._soft_reserve_mb << 20, dtype=torch.uint8, device=self.device)
             del reserve
