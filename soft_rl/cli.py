@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from soft_rl.faults import EXIT_PREEMPTED
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="soft-rl", description="SofT-GRPO trainer for soft-thinking LLMs")
@@ -21,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version", help="print the pinned stack versions")
     tr = sub.add_parser("train", help="SofT-GRPO / GRPO training on a Ray cluster (rollout, learner, reward actors)")
     tr.add_argument("--config", default=None, help="a YAML preset from configs/")
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.out_dir")
+    tr.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                    help="continue from the newest complete checkpoint in trainer.out_dir (there must be one); "
+                    "`--resume auto`: continue if there is one, else start (for requeued jobs). After SIGTERM the "
+                    f"run checkpoints and exits with code {EXIT_PREEMPTED}")
     tr.add_argument("--dashboard", action="store_true",
                     help="local cluster: Ray dashboard on 127.0.0.1 and Prometheus (when installed) scraping Ray's "
                     "metrics, URLs printed, Prometheus stopped at the end; joining RAY_ADDRESS: print that cluster's "
@@ -51,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train":
         from workers.driver import main as train_main
+
+        if args.resume not in (True, False, "auto"):  # `--resume key=value`: the flag alone, then an override
+            args.overrides.insert(0, args.resume)
+            args.resume = True
 
         return train_main(args.config, args.overrides, resume=args.resume, dashboard=args.dashboard,
                           dashboard_port=args.dashboard_port, prometheus_port=args.prometheus_port)

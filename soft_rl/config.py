@@ -130,6 +130,9 @@ class RewardConfig:
     name: str = "math"  # math | math_strict (official) | math_whole | numeric | format | toy | module:function
     num_actors: int = 2
     timeout_s: float = 10.0
+    # an actor that has not answered for its chunk's samples x (timeout_s + 1) + hang_s seconds is hung:
+    # it is replaced and the chunk scored again (workers/reward.py)
+    hang_s: float = 60.0
 
 
 @dataclass
@@ -154,6 +157,11 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | gpu
     colocate: bool = False  # learner rank i and engine i share a placement bundle (one GPU); see workers/placement.py
     export_final: bool = False  # write the trained weights as an HF directory, <out_dir>/final_model, at the end
+    # restarts allowed per actor kind over the run (workers/recovery.py); one more loss stops the run with an
+    # error naming the actor and the cause
+    max_restarts: dict[str, int] = field(default_factory=lambda: {"engine": 8, "reward": 8, "learner": 4})
+    # SIGTERM -> checkpoint -> exit code 75 within this many seconds (Slurm's default KillWait is 30 s)
+    preempt_grace_s: float = 25.0
 
 
 @dataclass
@@ -251,6 +259,13 @@ def validate(cfg: Config) -> None:
     _check(t.device in ("auto", "cpu", "gpu"), "trainer.device", "must be auto, cpu or gpu")
     _check(t.steps >= 0 and t.eval_every >= 0 and t.save_every >= 0, "trainer.steps", "counts must be >= 0")
     _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+    from soft_rl.faults import ACTOR_KINDS
+
+    for kind, n in t.max_restarts.items():
+        _check(kind in ACTOR_KINDS, f"trainer.max_restarts.{kind}", f"unknown actor kind; known: {list(ACTOR_KINDS)}")
+        _check(n >= 0, f"trainer.max_restarts.{kind}", "must be >= 0")
+    _check(t.preempt_grace_s > 0, "trainer.preempt_grace_s", "must be > 0")
+    _check(cfg.reward.hang_s > 0, "reward.hang_s", "must be > 0")
     _check(cfg.reward.timeout_s > 0 and cfg.reward.num_actors >= 1, "reward.timeout_s",
            "timeout must be > 0 and num_actors >= 1")
 

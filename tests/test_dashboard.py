@@ -43,11 +43,14 @@ def test_train_cli_dashboard_flags(monkeypatch):
     assert cli.main(["train", "--config", "c.yaml", "--dashboard", "--dashboard-port", "18265",
                      "--prometheus-port", "19090", "trainer.steps=2", "rollout.n=4"]) == 0
     assert cli.main(["train", "--config", "c.yaml", "--resume", "trainer.steps=3"]) == 0
+    assert cli.main(["train", "--resume", "auto", "trainer.steps=4"]) == 0
     assert calls == [
         (("c.yaml", ["trainer.steps=2", "rollout.n=4"]),
          {"resume": False, "dashboard": True, "dashboard_port": 18265, "prometheus_port": 19090}),
         (("c.yaml", ["trainer.steps=3"]),
          {"resume": True, "dashboard": False, "dashboard_port": None, "prometheus_port": 9090}),
+        ((None, ["trainer.steps=4"]),
+         {"resume": "auto", "dashboard": False, "dashboard_port": None, "prometheus_port": 9090}),
     ]
     with pytest.raises(SystemExit):
         cli.main(["train", "--dashboard-port", "not-a-port"])

@@ -243,3 +243,42 @@ def test_ray_job_submit_soft_rl_train(head, tmp_path):
         assert s.connect_ex(("127.0.0.1", prom_port)) != 0, "the run's Prometheus outlived the run"
     print(f"soft-rl train job {time.monotonic() - t0:.1f}s ({len(records)} steps, "
           f"{sum(r['time/step'] for r in records):.1f}s in steps)")
+
+
+@pytest.mark.slow
+def test_ray_job_stop_checkpoints_the_run(head, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: it writes a checkpoint of its last finished step and exits within
+    Ray's stop wait, which a job raises from its 3 s default through its runtime env (RAY_JOB_STOP_WAIT_TIME_S=30)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from soft_rl.checkpoints import latest_checkpoint
+
+    toy, out = train_run.make_toy(tmp_path / "toy"), tmp_path / "run"
+    sid = f"soft-rl-stop-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"excludes": EXCLUDES, "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"}}
+    args = [a for a in train_run.train_args(toy, out, learners=1) if not a.startswith(("trainer.steps=",
+                                                                                        "trainer.save_every="))]
+    cmd = [str(RAY), "job", "submit", "--no-wait", "--address", head.dashboard_url, "--submission-id", sid,
+           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+           "soft-rl", "train", *args, "trainer.steps=50", "trainer.save_every=100"]
+    r = subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    client = JobSubmissionClient(head.dashboard_url)
+    deadline = time.monotonic() + 300
+    while "[train] step 1/50" not in (logs := client.get_job_logs(sid)):
+        assert client.get_job_status(sid) in (JobStatus.PENDING, JobStatus.RUNNING), logs[-4000:]
+        assert time.monotonic() < deadline, logs[-4000:]
+        time.sleep(0.5)
+    t0 = time.monotonic()
+    stop = subprocess.run([str(RAY), "job", "stop", "--address", head.dashboard_url, sid], env=head.env,
+                          capture_output=True, text=True, timeout=120)
+    while client.get_job_status(sid) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        assert time.monotonic() < t0 + 60, client.get_job_logs(sid)[-4000:]
+        time.sleep(0.2)
+    took = time.monotonic() - t0
+    logs = client.get_job_logs(sid)
+    print(f"ray job stop: the job ended {took:.1f}s later ({client.get_job_status(sid)})")
+    assert client.get_job_status(sid) == JobStatus.STOPPED, stop.stdout + stop.stderr + logs[-4000:]
+    assert "[train] preempted: checkpoint of step" in logs, logs[-4000:]
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 1, logs[-4000:]

@@ -209,3 +209,53 @@ def test_cancel_tears_down_with_default_token_auth(slurm, job_env, tmp_path):
     # the token never went to ~/.ray, and the job's copy is gone
     assert (home_token.read_bytes() if home_token.exists() else None) == home_token_before
     assert not token_file.exists()
+
+
+# A driver that stands in for a preempted `soft-rl train`: on its first run it saves "state" on SIGTERM and exits
+# with the driver's preemption code; requeued (SLURM_RESTART_COUNT=1) it finishes.
+PREEMPTIBLE = r"""
+import os, signal, sys, time
+run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+print(f"RUN {run}", flush=True)
+if run == 0:
+    def on_term(*_):
+        print("SAVED", flush=True)
+        sys.exit(75)
+    signal.signal(signal.SIGTERM, on_term)
+    print("READY", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_preempted_driver_is_requeued(slurm, job_env, tmp_path):
+    """`sbatch --requeue`: SIGTERM to the batch script (as `--signal=B:TERM@120` sends before the time limit)
+    reaches the driver, which exits with 75; the script tears Ray down and requeues the job, whose second run
+    (SLURM_RESTART_COUNT=1; `soft-rl train` would get `--resume auto`) completes."""
+    from soft_rl.faults import EXIT_PREEMPTED
+
+    (tmp_path / "preemptible.py").write_text(PREEMPTIBLE)
+    out = tmp_path / "job.out"
+    jobid = slurm.sbatch(["--requeue", "--open-mode=append", "--nodes=2", "--ntasks-per-node=1", f"--output={out}",
+                          f"--chdir={tmp_path}", str(SBATCH), "--", sys.executable, str(tmp_path / "preemptible.py")],
+                         env=job_env, cwd=tmp_path)
+    deadline, text = time.monotonic() + 150, ""
+    while "READY" not in text:
+        assert time.monotonic() < deadline, f"driver never got READY:\n{text}\n{slurm.logs()}"
+        time.sleep(0.5)
+        text = out.read_text(errors="replace") if out.exists() else ""
+    t0 = time.monotonic()
+    slurm.run(["scancel", "--batch", "--signal=TERM", str(jobid)])
+    deadline, hurried = time.monotonic() + 300, False
+    while "RUN 1" not in text:
+        assert time.monotonic() < deadline, f"the job did not run again:\n{text}\n{slurm.logs()}"
+        time.sleep(1)
+        text = out.read_text(errors="replace") if out.exists() else ""
+        if not hurried and slurm.job_state(jobid)[0] == "PENDING":
+            # Slurm holds a requeued job back (its BeginTime a couple of minutes ahead); no need to wait here
+            hurried = slurm.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], check=False).returncode == 0
+    print(f"requeued job ran again {time.monotonic() - t0:.1f}s after SIGTERM")
+    state, code = slurm.wait_job(jobid, timeout=200)
+    text = out.read_text(errors="replace")
+    assert (state, code) == ("COMPLETED", "0:0"), f"job {jobid}: {state} {code}\n{text}\n{slurm.logs()}"
+    assert "SAVED" in text and f"teardown done (exit code {EXIT_PREEMPTED})" in text, text
+    assert f"requeueing job {jobid}" in text and "teardown done (exit code 0)" in text, text

@@ -17,9 +17,14 @@ One RL step, as the algorithm reads:
 Every ``trainer.eval_every`` steps (and before the first) the held-out ``data.eval_files`` are
 sampled ``trainer.eval_n`` times per problem with the rollout's own sampler and fixed per-problem
 seeds, and pass@1 is logged. Every ``trainer.save_every`` steps the learners write an atomic
-checkpoint with the driver state (step, data position); ``resume=True`` restores the newest one
-and pushes its weights to the engines. The rollout noise seeds are a pure function of
-(seed, step, index), so N steps + resume + M steps equals N + M steps.
+checkpoint with the driver state (step, data position); ``resume=True`` restores the newest complete
+one and pushes its weights to the engines (``"auto"``: only if there is one). The rollout noise seeds
+are a pure function of (seed, step, index), so N steps + resume + M steps equals N + M steps.
+
+Faults: every phase goes through ``workers.recovery.Recovery``, which replaces a lost engine, reward
+actor or learner group and redoes what was lost, so that the run stays bit-identical to one without
+the fault (README, "Faults and preemption"). SIGTERM makes the run checkpoint and raise ``Preempted``
+at its next safe point (``soft_rl.faults.Preemption``; the CLI exits with ``EXIT_PREEMPTED``).
 """
 
 from __future__ import annotations
@@ -31,22 +36,23 @@ from pathlib import Path
 
 import torch
 
+from soft_rl.checkpoints import usable_checkpoints
 from soft_rl.config import Config, load_config, to_yaml, validate_device
 from soft_rl.data import Problem, filter_overlong, load_problems, render_prompt
 from soft_rl.evaluation import response_text, sample_seed
+from soft_rl.faults import EXIT_PREEMPTED, FaultLog, Preempted, Preemption
 from soft_rl.losses import compute_advantages
 from soft_rl.lr_schedule import learning_rate
+from soft_rl.replay import StepBatch, StepBatchStore
 from soft_rl.sync_probe import LogprobGaps, default_tolerances
+from workers.calls import is_actor_loss
+from workers.rollout import RolloutRequest
+from workers.weight_sync import BroadcastChannel, WeightSyncError, sync_weights
 
 
 def step_seed(seed: int, step: int, index: int) -> int:
     """The noise seed of request ``index`` at RL step ``step`` (a pure function: reproducible, resumable)."""
     return (seed * 1_000_003 + step) * 1_000_033 + index
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = sorted(root.glob("step-*"))
-    return found[-1] if found else None
 
 
 @dataclass
@@ -79,7 +85,7 @@ def load_run_data(cfg: Config, tok, log=print) -> RunData:
     return RunData(kept["train"], kept["eval"], counts)
 
 
-def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> dict[str, float]:
+def evaluate(cfg: Config, tok, pool, rewards_pool, problems) -> dict[str, float]:
     """pass@1 over ``problems`` x ``trainer.eval_n`` samples (seeds fixed per problem and sample)."""
     r = cfg.rollout
     n = max(1, cfg.trainer.eval_n)
@@ -95,13 +101,17 @@ def evaluate(cfg: Config, tok, pool, rewards_pool, problems, RolloutRequest) -> 
             "eval/mean_length": sum(t.num_tokens for t in trajs) / len(trajs)}
 
 
-def train(cfg: Config, log=print, resume: bool = False, progress: bool = True, dashboard: bool = False,
-          dashboard_port: int | None = None, prometheus_port: int = 9090) -> list[dict]:
-    """Run (or with ``resume``, continue) training; returns the per-step metric records. Metrics go to
-    runs/<name>/metrics.jsonl, TensorBoard (tb/), Ray metrics (Prometheus) and a progress bar.
+def train(cfg: Config, log=print, resume: bool | str = False, progress: bool = True, dashboard: bool = False,
+          dashboard_port: int | None = None, prometheus_port: int = 9090, on_phase=None) -> list[dict]:
+    """Run (or continue) training; returns the per-step metric records. Metrics go to runs/<name>/metrics.jsonl,
+    TensorBoard (tb/), Ray metrics (Prometheus) and a progress bar.
 
-    Ray: see :func:`workers.cluster.init_ray` (joins RAY_ADDRESS, else starts a local cluster; ``dashboard``
-    adds the dashboard on 127.0.0.1 and a local Prometheus, stopped again when the run ends or fails)."""
+    ``resume``: False (start from step 0), True (continue from the newest complete checkpoint in
+    ``trainer.out_dir``; there must be one) or ``"auto"`` (continue if there is one, else start). After SIGTERM
+    the run writes a checkpoint and raises ``soft_rl.faults.Preempted`` (the CLI exits with ``EXIT_PREEMPTED``).
+    ``on_phase(phase, step, actors)``, if given, is called as each phase of a step begins (tools and tests:
+    the fault tests kill actors from it). Ray: see :func:`workers.cluster.init_ray` (joins RAY_ADDRESS, else
+    starts a local cluster; ``dashboard`` adds the dashboard on 127.0.0.1 and a local Prometheus)."""
     from transformers import AutoTokenizer
 
     from workers.cluster import init_ray
@@ -114,38 +124,51 @@ def train(cfg: Config, log=print, resume: bool = False, progress: bool = True, d
     (out / "data.json").write_text(json.dumps(data.counts, indent=1))
     session = init_ray(dashboard, dashboard_port=dashboard_port, prometheus_port=prometheus_port, log=log)
     try:
-        return _train(cfg, tok, data.train, data.eval, out, log, resume, progress)
+        return _train(cfg, tok, data, out, log, resume, progress, on_phase)
     finally:
         session.stop()
 
 
-def _train(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool, progress: bool) -> list[dict]:
+def _train(cfg: Config, tok, data: RunData, out: Path, log, resume, progress: bool, on_phase) -> list[dict]:
     from workers.placement import resolve_device
 
     device = resolve_device(cfg.trainer.device)
     validate_device(cfg, device)
-    actors = start_actors(cfg, device)
+    preemption = Preemption(cfg.trainer.preempt_grace_s).install()  # from here on SIGTERM means: save and stop
+    graceful = True
     try:
-        return _run(cfg, tok, problems, eval_problems, out, log, resume, progress, actors.pool, actors.learners,
-                    actors.rewards, sleep_engines=cfg.trainer.colocate and device == "gpu", device=device)
+        actors = start_actors(cfg, device)
+        try:
+            run = TrainingRun(cfg, tok, data, out, log, actors, device, preemption, progress, on_phase)
+            return run.run(resume)
+        except Preempted:
+            graceful = False  # the node is going away: no waiting for busy engines to shut down
+            raise
+        finally:
+            actors.shutdown(graceful)
     finally:
-        actors.shutdown()
+        preemption.uninstall()
 
 
 @dataclass
 class Actors:
-    """The run's actors and their placement (``start_actors``)."""
+    """The run's actors and their placement (``start_actors``); ``make_learners`` starts a learner group
+    where the run's is placed (a lost rank's group is replaced by a new one: ``workers.recovery``)."""
 
     pool: object = None
     learners: object = None
     rewards: object = None
     layout: object = None
+    make_learners: object = None
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         try:
             for group in (self.pool, self.learners, self.rewards):
                 if group is not None:
-                    group.shutdown()
+                    if group is self.pool:
+                        group.shutdown(graceful)
+                    else:
+                        group.shutdown()
         finally:
             if self.layout is not None:
                 self.layout.remove()
@@ -190,139 +213,283 @@ def start_actors(cfg: Config, device: str) -> Actors:
         actors.pool = RolloutPool(r.num_engines, cfg.model.path, {**engine_kw, **layout.engine_kwargs},
                                   tensor_parallel_size=r.tensor_parallel_size, num_cpus_per_worker=engine_cpus,
                                   env=engine_env, actor_options=layout.engine_options)
-        actors.learners = LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed,
-                                       device=device, num_cpus_per_actor=learner_cpus, norm_length=r.max_new_tokens,
-                                       actor_options=layout.learner_options, head_dtype=cfg.model.head_dtype)
+
+        def make_learners():
+            return LearnerGroup(cfg.model.path, lc, dtype=cfg.model.dtype, seed=cfg.trainer.seed, device=device,
+                                num_cpus_per_actor=learner_cpus, norm_length=r.max_new_tokens,
+                                actor_options=layout.learner_options, head_dtype=cfg.model.head_dtype)
+
+        actors.make_learners = make_learners
+        actors.learners = make_learners()
         actors.rewards = RewardPool(num_actors=cfg.reward.num_actors, reward=cfg.reward.name,
-                                    timeout_s=cfg.reward.timeout_s)
+                                    timeout_s=cfg.reward.timeout_s, hang_s=cfg.reward.hang_s)
     except BaseException:
         actors.shutdown()
         raise
     return actors
 
 
-def _run(cfg: Config, tok, problems, eval_problems, out: Path, log, resume: bool, progress: bool, pool, learners,
-         rewards_pool, sleep_engines: bool, device: str) -> list[dict]:
-    """The training loop over started actors. ``sleep_engines``: colocated GPU engines sleep while the
-    learners work (freeing their GPU memory) and wake up for the weight sync."""
-    from workers.rollout import RolloutRequest
-    from workers.weight_sync import BroadcastChannel, WeightSyncError, sync_weights
+@dataclass
+class Learned:
+    """The learners' work of one step: metrics, the engine-vs-learner log-prob gaps, and its timing."""
 
-    r, lc = cfg.rollout, cfg.learner
-    channel = None
-    if lc.sync_transport == "broadcast":
-        channel = BroadcastChannel(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s,
-                                   device=device)
+    metrics: dict
+    gaps: LogprobGaps
+    old_s: float
+    update_s: float
 
-    # Parity check of every sync, at no extra cost: the learners rescore each rollout anyway (the old
-    # log-probs), and an engine holding other weights than the learners shows up as a mean |engine -
-    # learner| log-prob difference far above rounding. It runs before the batch is used.
-    probe_tol = default_tolerances(cfg.model.dtype, lc.sync_probe_tol, lc.sync_probe_tol_soft)
 
-    def sync_engines() -> dict[str, float]:
-        if sleep_engines:  # colocated: the learners hand their cached GPU memory back before the engines wake
-            learners.release_memory()
-            pool.wake_up()
-        return sync_weights(learners, pool, bucket_mb=lc.sync_bucket_mb, timeout_s=lc.sync_timeout_s, channel=channel)
+class TrainingRun:
+    """One run over started actors: the step loop and its phases. Faults are handled by ``self.recovery``
+    (``workers.recovery``), preemption by ``self.preemption`` (``soft_rl.faults``); the loop reads as the
+    algorithm (module docstring). ``sleep_engines``: colocated GPU engines sleep while the learners work
+    (freeing their GPU memory) and wake up for the weight sync."""
 
-    history: list[dict] = []
-    start, pos = 0, 0
-    ckpt_root = out / "checkpoints"
+    def __init__(self, cfg: Config, tok, data: RunData, out: Path, log, actors: Actors, device: str,
+                 preemption: Preemption, progress: bool = True, on_phase=None):
+        from workers.recovery import Recovery
+        from workers.telemetry import Telemetry
 
-    from workers.telemetry import Telemetry
+        self.cfg, self.tok, self.problems, self.eval_problems = cfg, tok, data.train, data.eval
+        self.out, self.log, self.actors, self.device = out, log, actors, device
+        self.sleep_engines = cfg.trainer.colocate and device == "gpu"
+        self.on_phase = on_phase or (lambda phase, step, actors: None)
+        self.ckpt_root = out / "checkpoints"
+        self.done, self.pos = 0, 0  # learner updates done (= steps completed); data position after them
+        self.pending: dict | None = None  # the record of a step whose eval a preemption cut short
+        self.saved_step: int | None = None  # newest checkpoint's step
+        self.checkpoint_s = 0.0  # how long the last checkpoint took
+        self.history: list[dict] = []
+        self.channel = None
+        self._open_channel()
+        # Parity check of every sync, at no extra cost: the learners rescore each rollout anyway (the old
+        # log-probs), and an engine holding other weights than the learners shows up as a mean |engine -
+        # learner| log-prob difference far above rounding. It runs before the batch is used.
+        lc = cfg.learner
+        self.probe_tol = default_tolerances(cfg.model.dtype, lc.sync_probe_tol, lc.sync_probe_tol_soft)
+        self.batches = StepBatchStore(out / "replay")
+        self.preemption = preemption
+        self.faults = FaultLog(dict(cfg.trainer.max_restarts), log)
+        self.recovery = Recovery(actors, self.faults, preemption, make_learners=actors.make_learners,
+                                 replay=self._replay, ckpt_root=self.ckpt_root, sync_one=self._sync_one,
+                                 on_learners_replaced=self._open_channel, log=log)
+        self.telemetry = Telemetry(out, progress_total=cfg.trainer.steps, progress=progress)
 
-    telemetry = Telemetry(out, progress_total=cfg.trainer.steps, progress=progress)
+    # ------------------------------------------------------------------ the run
 
-    def record(rec: dict) -> None:
-        history.append(rec)
-        telemetry.log(rec["step"], rec)
+    def run(self, resume) -> list[dict]:
+        te = self.cfg.trainer
+        try:
+            self.start(resume)
+            for step in range(self.done, te.steps):
+                self.step(step)
+            if te.export_final:
+                final = str((self.out / "final_model").resolve())
+                self.recovery.retry("export", lambda: self.actors.learners.export_hf(final, self.cfg.model.path),
+                                    learners_at=self.done, uses=("learner",))
+                self.log(f"[train] final weights: {final}")
+        except Preempted:
+            self.save_for_preemption()
+            raise
+        finally:
+            self.telemetry.close()
+        return self.history
 
-    try:
-        if resume:
-            latest = latest_checkpoint(ckpt_root)
-            if latest is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
-            client = learners.load_checkpoint(str(latest))
-            start, pos = int(client["step"]), int(client["data_pos"])
-            sync_engines()
-            log(f"[train] resumed from {latest} at step {start}")
-        te = cfg.trainer
-        if eval_problems and te.eval_every and start == 0:
-            record({"step": 0, **evaluate(cfg, tok, pool, rewards_pool, eval_problems, RolloutRequest)})
-            log(f"[train] eval before training: pass@1={history[-1]['eval/pass@1']:.3f}")
-        for step in range(start, cfg.trainer.steps):
-            t0 = time.perf_counter()
-            batch = [problems[(pos + i) % len(problems)] for i in range(cfg.data.prompts_per_step)]
-            pos += len(batch)
-            requests = [RolloutRequest(render_prompt(tok, p.prompt), r.sampling_params(step_seed(cfg.trainer.seed,
-                                                                                                  step, i * r.n + j)),
-                                       r.max_new_tokens)
-                        for i, p in enumerate(batch) for j in range(r.n)]
-            trajs = pool.generate(requests)
-            if sleep_engines:
-                pool.sleep()
-            t_roll = time.perf_counter()
-            texts = [response_text(tok, t.tokens.tolist()) for t in trajs]
-            golds = [p.answer for p in batch for _ in range(r.n)]
-            rewards = torch.tensor(rewards_pool.score(texts, golds), dtype=torch.float32)
-            t_rew = time.perf_counter()
-            group = torch.arange(len(batch)).repeat_interleave(r.n)
-            adv = compute_advantages(lc.advantage, rewards, group)
-            old = learners.logprobs(trajs)
-            ref = learners.logprobs(trajs, "ref") if lc.kl_coef else None
-            gaps = LogprobGaps.measure(old, trajs)
-            if lc.sync_probe and (bad := gaps.violation(*probe_tol)):
-                raise WeightSyncError(
-                    f"step {step + 1}: the rollout engines' log-probs differ from the learners' at {bad}: the "
-                    "engines do not hold the learners' weights (a failed or partial weight sync, or a model/dtype "
-                    "mismatch)")
-            t_old = time.perf_counter()
-            metrics: dict = {}
-            lr = learning_rate(lc.lr, step, cfg.trainer.steps, schedule=lc.lr_schedule,
-                               warmup_steps=lc.lr_warmup_steps, min_lr_ratio=lc.min_lr_ratio)
-            for _ in range(lc.ppo_epochs):
-                for idx in torch.arange(len(trajs)).chunk(lc.mini_batches):
-                    ii = idx.tolist()
-                    metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
-                                                        None if ref is None else [ref[i] for i in ii], lr=lr)
-            metrics["lr"] = lr
-            t_upd = time.perf_counter()
-            sync = sync_engines()
-            t_end = time.perf_counter()
-            n_tok = sum(t.num_tokens for t in trajs)
-            rec = {
-                "step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                "reward/failures": rewards_pool.failures(), "rollout/tokens": n_tok,
-                "rollout/soft_frac": sum(t.num_soft for t in trajs) / max(n_tok, 1),
-                "rollout/think_len": sum(t.n_think for t in trajs) / len(trajs),
-                **gaps.metrics(),
-                "time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/old_logprobs": t_old - t_rew,
-                "time/update": t_upd - t_old, "time/sync": t_end - t_upd, "time/step": t_end - t0,
-                "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
-                **{f"learner/{k}": v for k, v in metrics.items()}, **sync,
-            }
-            if eval_problems and te.eval_every and (step + 1) % te.eval_every == 0:
-                t_ev = time.perf_counter()
-                rec.update(evaluate(cfg, tok, pool, rewards_pool, eval_problems, RolloutRequest))
-                rec["time/eval"] = time.perf_counter() - t_ev
-            if te.save_every and (step + 1) % te.save_every == 0:
-                t_ck = time.perf_counter()
-                learners.save_checkpoint(str(ckpt_root), step + 1, {"data_pos": pos}, keep=te.keep_checkpoints)
-                rec["time/checkpoint"] = time.perf_counter() - t_ck
-            record(rec)
-            log(f"[train] step {step + 1}/{cfg.trainer.steps} reward={rec['reward/mean']:.3f} "
-                f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec['time/step']:.1f}"
-                + (f" eval_pass@1={rec['eval/pass@1']:.3f}" if "eval/pass@1" in rec else ""))
-            if step == start:  # every actor has worked by now
-                log(f"[train] actors by node: {json.dumps(actor_placement())}")
-                (out / "placement.json").write_text(json.dumps(
-                    {"engines": pool.placement(), "learners": learners.placement()}, indent=1))
-        if cfg.trainer.export_final:
-            learners.export_hf(str((out / "final_model").resolve()), cfg.model.path)
-            log(f"[train] final weights: {out / 'final_model'}")
-    finally:
-        telemetry.close()
-    return history
+    def load_newest_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that is complete (``soft_rl.checkpoints``) and loads; one whose files are all
+        there but do not load (corrupt content) is skipped with a warning naming it, as an incomplete one is."""
+        for ckpt in usable_checkpoints(self.ckpt_root, self.log):
+            try:
+                return ckpt, self.actors.learners.load_checkpoint(str(ckpt))
+            except Exception as e:  # noqa: BLE001 - any load failure: the next older checkpoint is tried
+                if is_actor_loss(e):
+                    raise
+                self.log(f"[train] WARNING: skipping checkpoint {ckpt}: it does not load: {str(e).splitlines()[0]}")
+        return None
+
+    def start(self, resume) -> None:
+        loaded = self.load_newest_checkpoint() if resume else None
+        if resume is True and loaded is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_root}")
+        if loaded is not None:
+            latest, client = loaded
+            self.done = self.saved_step = int(client["step"])
+            self.pos, self.pending = int(client["data_pos"]), client.get("pending_record")
+            self.recovery.own_checkpoints.add(latest.name)
+            self.recovery.retry("sync", self.sync_engines, learners_at=self.done, uses=("learner", "engine"))
+            self.log(f"[train] resumed from {latest} at step {self.done}")
+        elif resume == "auto":
+            self.log(f"[train] --resume auto: no checkpoint under {self.ckpt_root}, starting at step 0")
+        self.batches.drop_after(self.done)
+        self.batches.prune(through=self.done)
+        te = self.cfg.trainer
+        if self.pending is not None:  # preempted during this step's eval: finish the step's record
+            rec, self.pending = self.pending, None
+            self.finish_step(rec)
+        elif self.eval_problems and te.eval_every and self.done == 0:
+            self.record({"step": 0, **self.evaluate()})
+            self.log(f"[train] eval before training: pass@1={self.history[-1]['eval/pass@1']:.3f}")
+
+    def step(self, step: int) -> None:
+        """RL step ``step + 1``: rollout, rewards, update, weight sync, then eval / checkpoint / record."""
+        cfg, r = self.cfg, self.cfg.rollout
+        self.recovery.step = step + 1
+        t0 = time.perf_counter()
+        problems = [self.problems[(self.pos + i) % len(self.problems)] for i in range(cfg.data.prompts_per_step)]
+        requests = [RolloutRequest(render_prompt(self.tok, p.prompt),
+                                   r.sampling_params(step_seed(cfg.trainer.seed, step, i * r.n + j)), r.max_new_tokens)
+                    for i, p in enumerate(problems) for j in range(r.n)]
+        self.on_phase("rollout", step + 1, self.actors)
+        trajs = self.recovery.generate(requests)
+        if self.sleep_engines:
+            self.actors.pool.sleep()
+        t_roll = time.perf_counter()
+        self.on_phase("reward", step + 1, self.actors)
+        texts = [response_text(self.tok, t.tokens.tolist()) for t in trajs]
+        golds = [p.answer for p in problems for _ in range(r.n)]
+        batch = StepBatch(trajs, torch.tensor(self.recovery.score(texts, golds), dtype=torch.float32), len(problems))
+        t_rew = time.perf_counter()
+        self.batches.save(step + 1, batch)  # a rebuilt learner group replays this step from it
+        self.on_phase("update", step + 1, self.actors)
+        learned = self.recovery.retry("update", lambda: self.learn(step, batch), learners_at=step, uses=("learner",))
+        self.done, self.pos = step + 1, self.pos + len(problems)
+        t_upd = time.perf_counter()
+        self.on_phase("sync", step + 1, self.actors)
+        sync = self.recovery.retry("sync", self.sync_engines, learners_at=step + 1, uses=("learner", "engine"))
+        t_end = time.perf_counter()
+        n_tok = sum(t.num_tokens for t in trajs)
+        rewards = batch.rewards
+        self.finish_step({
+            "step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            "reward/failures": self.actors.rewards.failures(), "rollout/tokens": n_tok,
+            "rollout/soft_frac": sum(t.num_soft for t in trajs) / max(n_tok, 1),
+            "rollout/think_len": sum(t.n_think for t in trajs) / len(trajs),
+            **learned.gaps.metrics(),
+            "time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/old_logprobs": learned.old_s,
+            "time/update": t_upd - t_rew, "time/sync": t_end - t_upd, "time/step": t_end - t0,
+            "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
+            **{f"learner/{k}": v for k, v in learned.metrics.items()}, **sync,
+        })
+
+    def finish_step(self, rec: dict) -> None:
+        """Eval and checkpoint when due, then the step's record (with its faults) to every sink."""
+        te, step = self.cfg.trainer, rec["step"]
+        if self.eval_problems and te.eval_every and step % te.eval_every == 0 and "eval/pass@1" not in rec:
+            self.pending = rec  # a preemption during the eval saves it, and the resumed run finishes it
+            self.on_phase("eval", step, self.actors)
+            t_ev = time.perf_counter()
+            rec.update(self.evaluate())
+            rec["time/eval"] = time.perf_counter() - t_ev
+            self.pending = None
+        if te.save_every and step % te.save_every == 0:
+            self.on_phase("checkpoint", step, self.actors)
+            rec["time/checkpoint"] = self.checkpoint()
+        rec.update(self.faults.step_metrics())
+        self.record(rec)
+        self.log(f"[train] step {step}/{te.steps} reward={rec['reward/mean']:.3f} "
+                 f"soft_frac={rec['rollout/soft_frac']:.2f} step_s={rec.get('time/step', 0.0):.1f}"
+                 + (f" eval_pass@1={rec['eval/pass@1']:.3f}" if "eval/pass@1" in rec else "")
+                 + (f" faults={len(rec['faults/events'])}" if "faults/events" in rec else ""))
+        if len([h for h in self.history if h["step"] > 0]) == 1:  # every actor has worked by now
+            self.log(f"[train] actors by node: {json.dumps(actor_placement())}")
+            (self.out / "placement.json").write_text(json.dumps(
+                {"engines": self.actors.pool.placement(), "learners": self.actors.learners.placement()}, indent=1))
+        self.preemption.check()  # SIGTERM during the learners' work: stop here, this step saved
+
+    # ------------------------------------------------------------------ the phases
+
+    def learn(self, step: int, batch: StepBatch) -> Learned:
+        """The learners' part of step ``step + 1``: old (and reference) log-probs, the parity probe, and the PPO
+        epochs over the mini-batches. A pure function of the learners' state and ``batch`` (so replayable)."""
+        lc, learners, trajs = self.cfg.learner, self.actors.learners, batch.trajs
+        t0 = time.perf_counter()
+        adv = compute_advantages(lc.advantage, batch.rewards, batch.group)
+        old = learners.logprobs(trajs)
+        ref = learners.logprobs(trajs, "ref") if lc.kl_coef else None
+        gaps = LogprobGaps.measure(old, trajs)
+        if lc.sync_probe and (bad := gaps.violation(*self.probe_tol)):
+            raise WeightSyncError(
+                f"step {step + 1}: the rollout engines' log-probs differ from the learners' at {bad}: the "
+                "engines do not hold the learners' weights (a failed or partial weight sync, or a model/dtype "
+                "mismatch)")
+        t_old = time.perf_counter()
+        metrics: dict = {}
+        lr = learning_rate(lc.lr, step, self.cfg.trainer.steps, schedule=lc.lr_schedule,
+                           warmup_steps=lc.lr_warmup_steps, min_lr_ratio=lc.min_lr_ratio)
+        for _ in range(lc.ppo_epochs):
+            for idx in torch.arange(len(trajs)).chunk(lc.mini_batches):
+                ii = idx.tolist()
+                metrics = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
+                                                    None if ref is None else [ref[i] for i in ii], lr=lr)
+        metrics["lr"] = lr
+        return Learned(metrics, gaps, t_old - t0, time.perf_counter() - t_old)
+
+    def _replay(self, step: int) -> None:
+        self.learn(step - 1, self.batches.load(step))
+
+    def sync_engines(self) -> dict[str, float]:
+        lc = self.cfg.learner
+        if self.sleep_engines:  # colocated: the learners hand their cached GPU memory back before the engines wake
+            self.actors.learners.release_memory()
+            self.actors.pool.wake_up()
+        return sync_weights(self.actors.learners, self.actors.pool, bucket_mb=lc.sync_bucket_mb,
+                            timeout_s=lc.sync_timeout_s, channel=self.channel)
+
+    def _sync_one(self, i: int) -> None:
+        """A restarted engine gets the learners' weights (and the broadcast group is opened anew next sync)."""
+        from workers.recovery import sync_one_engine
+
+        if self.channel is not None and self.channel.open:
+            self.channel.close()
+        lc = self.cfg.learner
+        sync_one_engine(self.actors.learners, self.actors.pool, i, lc.sync_bucket_mb, lc.sync_timeout_s)
+
+    def _open_channel(self) -> None:
+        lc = self.cfg.learner
+        if self.channel is not None and self.channel.open:
+            self.channel.close()
+        if lc.sync_transport == "broadcast":
+            self.channel = BroadcastChannel(self.actors.learners, self.actors.pool, bucket_mb=lc.sync_bucket_mb,
+                                            timeout_s=lc.sync_timeout_s, device=self.device)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.cfg, self.tok, self.recovery, self.recovery, self.eval_problems)
+
+    def checkpoint(self) -> float:
+        """Write a checkpoint of the learners' state (``self.done`` updates) with the driver's; returns seconds."""
+        t0 = time.perf_counter()
+        te, done = self.cfg.trainer, self.done
+        client = {"data_pos": self.pos, **({"pending_record": self.pending} if self.pending else {})}
+        self.recovery.retry("checkpoint", lambda: self.actors.learners.save_checkpoint(
+            str(self.ckpt_root), done, client, keep=te.keep_checkpoints), learners_at=done, uses=("learner",))
+        self.saved_step = done
+        self.recovery.own_checkpoints.add(f"step-{done:08d}")
+        self.batches.prune(through=done)
+        self.checkpoint_s = time.perf_counter() - t0
+        return self.checkpoint_s
+
+    def save_for_preemption(self) -> None:
+        """After SIGTERM: a checkpoint of the last consistent state (the learners never stop mid-update), unless
+        the newest checkpoint already is that state or the grace period would run out while writing it."""
+        left = self.preemption.time_left()
+        if self.saved_step == self.done and self.pending is None:
+            self.log(f"[train] preempted: the newest checkpoint (step {self.done}) holds the run's state; exiting")
+        elif left < 1.5 * self.checkpoint_s + 1.0:
+            self.log(f"[train] WARNING: preempted with {left:.0f}s of trainer.preempt_grace_s left, less than a "
+                     f"checkpoint takes ({self.checkpoint_s:.0f}s): exiting without one; --resume continues from "
+                     f"step {self.saved_step or 0}")
+        else:
+            try:
+                self.checkpoint()
+                self.log(f"[train] preempted: checkpoint of step {self.done} written "
+                         f"({self.checkpoint_s:.1f}s); `--resume auto` continues the run")
+            except Exception as e:  # noqa: BLE001 - the learners may be going down with the cluster
+                self.log(f"[train] WARNING: preempted, and the checkpoint of step {self.done} failed ({e}); "
+                         f"--resume continues from step {self.saved_step or 0}")
+
+    def record(self, rec: dict) -> None:
+        self.history.append(rec)
+        self.telemetry.log(rec["step"], rec)
 
 
 def actor_placement() -> dict:
@@ -347,9 +514,14 @@ def actor_placement() -> dict:
         return {}
 
 
-def main(config: str | None, overrides: list[str], resume: bool = False, dashboard: bool = False,
+def main(config: str | None, overrides: list[str], resume: bool | str = False, dashboard: bool = False,
          dashboard_port: int | None = None, prometheus_port: int = 9090) -> int:
+    """``soft-rl train``; returns the exit code: 0, or ``EXIT_PREEMPTED`` after a SIGTERM was handled."""
     cfg = load_config(config, overrides)
     print(json.dumps(asdict(cfg.trainer)))
-    train(cfg, resume=resume, dashboard=dashboard, dashboard_port=dashboard_port, prometheus_port=prometheus_port)
+    try:
+        train(cfg, resume=resume, dashboard=dashboard, dashboard_port=dashboard_port, prometheus_port=prometheus_port)
+    except Preempted:
+        print(f"[train] preempted: exit code {EXIT_PREEMPTED}", flush=True)
+        return EXIT_PREEMPTED
     return 0

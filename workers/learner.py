@@ -39,6 +39,7 @@ from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, aggregate_parts, kl_penalty, ppo_token_losses
 from soft_rl.lr_schedule import set_learning_rate
 from soft_rl.trajectory import Trajectory
+from workers.calls import get_all
 
 
 class PolicyWithSoftHead(torch.nn.Module):
@@ -475,7 +476,7 @@ class LearnerGroup:
 
     def logprobs(self, trajs: Sequence[Trajectory], which: str = "policy") -> list[torch.Tensor]:
         shards, idx = self._shard(trajs)
-        results = ray.get([a.logprobs.remote(s, which) for a, s in zip(self.actors, shards, strict=True)])
+        results = get_all([a.logprobs.remote(s, which) for a, s in zip(self.actors, shards, strict=True)])
         out: list[torch.Tensor | None] = [None] * len(trajs)
         for r, res in enumerate(results):
             flat_idx = [i for mb in idx[r] for i in mb]
@@ -498,7 +499,7 @@ class LearnerGroup:
             o = [[old[i] for i in mb] for mb in idx[r]]
             rf = None if ref is None else [[ref[i] for i in mb] for mb in idx[r]]
             calls.append(a.train_mini_batch.remote(shards[r], adv, o, rf, den, self.norm_length, lr))
-        parts = ray.get(calls)
+        parts = get_all(calls)
         tokens = max(sum(p["tokens"] for p in parts), 1.0)
         return {
             "pg_loss": sum(p["pg"] for p in parts) / den,
@@ -537,7 +538,7 @@ class LearnerGroup:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         # a collective under ZeRO-3: every rank gathers, rank 0's copy is returned
-        return ray.get([a.full_state_dict.remote() for a in self.actors])[0]
+        return get_all([a.full_state_dict.remote() for a in self.actors])[0]
 
     def save_checkpoint(self, root: str, step: int, client_state: dict | None = None, keep: int = 3) -> str:
         """Atomic checkpoint ``root/step-<N>``: written into a temporary directory, then renamed;
@@ -545,22 +546,26 @@ class LearnerGroup:
         import shutil
         from pathlib import Path
 
+        from soft_rl.checkpoints import write_manifest
+
         root_p = Path(root)
         root_p.mkdir(parents=True, exist_ok=True)
         final = root_p / f"step-{step:08d}"
         tmp = root_p / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         state = dict(client_state or {}, step=step)
-        ray.get([a.save_checkpoint.remote(str(tmp), state) for a in self.actors])
+        get_all([a.save_checkpoint.remote(str(tmp), state) for a in self.actors])
+        write_manifest(tmp, step)  # last: a directory without it is skipped as incomplete (soft_rl/checkpoints.py)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in sorted(root_p.glob("step-*"))[:-keep]:
+        # rotation among this step and older ones (a newer directory is another attempt's: left alone)
+        for old in sorted(p for p in root_p.glob("step-*") if p.name <= final.name)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return str(final)
 
     def load_checkpoint(self, ckpt_dir: str) -> dict:
-        return ray.get([a.load_checkpoint.remote(ckpt_dir) for a in self.actors])[0]
+        return get_all([a.load_checkpoint.remote(ckpt_dir) for a in self.actors])[0]
 
     def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str:
         ray.get([a.export_hf.remote(out_dir, tokenizer_dir) for a in self.actors])

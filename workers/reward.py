@@ -289,11 +289,17 @@ class _RewardActor:
         self._scorer = TimeoutScorer(reward, timeout_s=timeout_s, memory_limit_mb=memory_limit_mb)
         self._scorer.start()
 
-    def score(self, responses: list[str], golds: list[str]) -> list[float]:
-        return self._scorer.score(responses, golds)
+    def score(self, responses: list[str], golds: list[str]) -> tuple[list[float], dict[str, int]]:
+        """The scores and this call's counters (the pool sums them: a replaced actor's counts are not lost)."""
+        before = self._scorer.stats()
+        scores = self._scorer.score(responses, golds)
+        return scores, {k: v - before.get(k, 0) for k, v in self._scorer.stats().items()}
 
     def stats(self) -> dict[str, int]:
         return self._scorer.stats()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def shutdown(self) -> None:
         self._scorer.close()
@@ -320,6 +326,7 @@ class RewardPool:
         memory_limit_mb: int | None = DEFAULT_MEMORY_LIMIT_MB,
         num_cpus: float = 0.0,
         chunk_size: int | None = None,
+        hang_s: float = 60.0,
     ):
         import ray
 
@@ -330,49 +337,95 @@ class RewardPool:
         get_reward(reward)  # fail fast in the driver on an unknown reward
         self.reward = reward
         self.timeout_s = timeout_s
+        self.hang_s = hang_s
         self._chunk_size = chunk_size
         actor_cls = ray.remote(num_cpus=num_cpus)(_RewardActor)
-        self._actors = [actor_cls.remote(reward, timeout_s, memory_limit_mb) for _ in range(num_actors)]
+        self._start = lambda: actor_cls.remote(reward, timeout_s, memory_limit_mb)
+        self._actors = [self._start() for _ in range(num_actors)]
+        self._totals: dict[str, int] = {}
         # Surface start-up errors (e.g. the reward cannot be imported on the workers) now.
-        ray.get([a.stats.remote() for a in self._actors])
+        self._totals = dict.fromkeys(ray.get([a.stats.remote() for a in self._actors])[0], 0)
 
-    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
-        """Blocking: one reward per response, in the order given."""
+    @property
+    def actors(self) -> list:
+        return self._actors
+
+    def restart(self, i: int) -> None:
+        """Replace actor ``i`` (dead or hung) by a fresh one."""
         import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(self._actors[i])
+        self._actors[i] = self._start()
+        ray.get(self._actors[i].stats.remote())
+
+    def chunk_budget_s(self, n: int) -> float:
+        """How long an actor may take for a chunk of ``n`` samples before it counts as hung: every sample's
+        timeout (plus a second each for a child restart) and ``hang_s``."""
+        return n * (self.timeout_s + 1.0) + self.hang_s
+
+    def score(self, responses: Sequence[str], golds: Sequence[str], on_lost=None, poll=None) -> list[float]:
+        """Blocking: one reward per response, in the order given. ``on_lost(actor, error)`` (the run's
+        recovery) is called when an actor dies or hangs (no answer within ``chunk_budget_s``) and must
+        make it usable again (``restart``); the chunk is then scored again. Without it the error is raised.
+        ``poll`` runs while waiting."""
+        import time
+
+        import ray
+
+        from workers.calls import POLL_S
 
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
         n = len(responses)
         chunk_size = self._chunk_size or max(1, math.ceil(n / (4 * len(self._actors))))
-        todo = iter(_chunk_bounds(n, chunk_size))
+        todo = list(_chunk_bounds(n, chunk_size))
         results: list[float] = [0.0] * n
-        in_flight = {}  # ObjectRef -> (actor, start, stop)
+        in_flight = {}  # ObjectRef -> (actor index, start, stop, deadline)
 
-        def submit(actor) -> None:
-            bounds = next(todo, None)
-            if bounds is not None:
-                start, stop = bounds
-                ref = actor.score.remote(list(responses[start:stop]), list(golds[start:stop]))
-                in_flight[ref] = (actor, start, stop)
+        def submit(i: int) -> None:
+            if todo:
+                start, stop = todo.pop(0)
+                ref = self._actors[i].score.remote(list(responses[start:stop]), list(golds[start:stop]))
+                in_flight[ref] = (i, start, stop, time.monotonic() + self.chunk_budget_s(stop - start))
 
-        for actor in self._actors:
-            submit(actor)
+        def lost(i: int, start: int, stop: int, error: BaseException) -> None:
+            if on_lost is None:
+                raise error
+            on_lost(i, error)
+            todo.insert(0, (start, stop))
+            submit(i)
+
+        for i in range(len(self._actors)):
+            submit(i)
         while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, start, stop = in_flight.pop(ref)
-            results[start:stop] = ray.get(ref)
-            submit(actor)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                i, start, stop, _ = in_flight.pop(ref)
+                try:
+                    scores, counts = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - a dead actor (or a broken one: on_lost re-raises)
+                    lost(i, start, stop, e)
+                    continue
+                results[start:stop] = scores
+                for k, v in counts.items():
+                    self._totals[k] = self._totals.get(k, 0) + v
+                submit(i)
+            if not ready:
+                if poll is not None:
+                    poll()
+                now = time.monotonic()
+                for ref, (i, start, stop, deadline) in list(in_flight.items()):
+                    if now > deadline:
+                        del in_flight[ref]
+                        lost(i, start, stop, TimeoutError(
+                            f"reward actor {i} did not answer within {self.chunk_budget_s(stop - start):.0f}s "
+                            f"for {stop - start} samples (hung)"))
         return results
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over the actors (see ``ScoreStats``)."""
-        import ray
-
-        total: dict[str, int] = {}
-        for actor_stats in ray.get([a.stats.remote() for a in self._actors]):
-            for key, value in actor_stats.items():
-                total[key] = total.get(key, 0) + value
-        return total
+        """Counters (see ``ScoreStats``) summed over every chunk this pool scored, whichever actor scored it."""
+        return dict(self._totals)
 
     def failures(self) -> int:
         return self.stats()["failures"]

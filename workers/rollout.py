@@ -21,6 +21,7 @@ Each worker must be shut down explicitly (``shutdown``): vLLM engines killed wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class RolloutWorker:
         self.model_dir = str(model_dir)
         self.engine = self._start_engine(self.model_dir, dict(engine_kwargs or {}))
         self.generated = 0
+        self.engine_error: str | None = None  # set when the vLLM engine died under this actor (``health``)
 
     def _start_engine(self, model_dir: str, engine_kwargs: dict):
         """The one place the actor builds its vLLM engine (a test stand-in replaces only this)."""
@@ -93,8 +95,15 @@ class RolloutWorker:
     def generate(self, requests: Sequence[RolloutRequest]) -> list[Trajectory]:
         if not requests:
             return []
-        trajs = self.engine.generate([r.prompt_ids for r in requests], [r.params for r in requests],
-                                     [r.max_new_tokens for r in requests])
+        try:
+            trajs = self.engine.generate([r.prompt_ids for r in requests], [r.params for r in requests],
+                                         [r.max_new_tokens for r in requests])
+        except Exception as e:
+            from workers.vllm_soft import engine_died
+
+            if engine_died(e):  # e.g. a tensor-parallel worker process was killed: this actor cannot recover
+                self.engine_error = f"{type(e).__name__}: {e}"
+            raise
         self.generated += len(trajs)
         return trajs
 
@@ -168,7 +177,8 @@ class RolloutWorker:
         return self.engine.reset_prefix_cache()
 
     def health(self) -> dict:
-        return {"ok": not self.engine._closed, "pid": os.getpid(), "model": self.model_dir,
+        return {"ok": not self.engine._closed and self.engine_error is None, "error": self.engine_error,
+                "pid": os.getpid(), "model": self.model_dir,
                 "generated": self.generated, **self.engine.stats()}
 
     def shutdown(self) -> None:
@@ -197,18 +207,61 @@ class RolloutPool:
         actor = ray.remote(RolloutWorker)
         opts = [{"num_cpus": num_cpus_per_worker, **(actor_options[i] if actor_options else {})}
                 for i in range(num_workers)]
-        self.workers = [actor.options(**o, runtime_env={"env_vars": env_vars}).remote(str(model_dir), kw, env)
-                        for o in opts]
+        # everything needed to start worker i again in the same place (``restart``)
+        runtime_env = {"env_vars": env_vars}
+        self._start = [lambda o=o: actor.options(**o, runtime_env=runtime_env).remote(str(model_dir), kw, env)
+                       for o in opts]
+        self.workers = [start() for start in self._start]
         ray.get([w.health.remote() for w in self.workers])  # wait until every engine is up
 
-    def generate(self, requests: Sequence[RolloutRequest]) -> list[Trajectory]:
+    def restart(self, i: int) -> None:
+        """Replace worker ``i`` (dead or hung) by a fresh engine with the same options and placement bundle;
+        it holds the model directory's weights until the next sync."""
         import ray
 
-        n = len(self.workers)
-        bounds = [round(i * len(requests) / n) for i in range(n + 1)]
-        futures = [w.generate.remote(list(requests[bounds[i]:bounds[i + 1]]))
-                   for i, w in enumerate(self.workers) if bounds[i + 1] > bounds[i]]
-        return [t for chunk in ray.get(futures) for t in chunk]
+        with contextlib.suppress(Exception):
+            ray.kill(self.workers[i])
+        self.workers[i] = self._start[i]()
+        ray.get(self.workers[i].health.remote())
+
+    def chunks(self, n: int) -> list[tuple[int, int, int]]:
+        """(worker, start, stop) of a batch of ``n`` requests: contiguous, in order, one chunk per worker."""
+        k = len(self.workers)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        return [(i, bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
+
+    def generate(self, requests: Sequence[RolloutRequest], on_lost=None, poll=None) -> list[Trajectory]:
+        """Every request's trajectory, in order. ``on_lost(worker, error)`` (the run's recovery) is called
+        when a worker's call fails and must make worker ``worker`` usable again (restart it, give it the
+        current weights); its chunk is then generated again on it, with the same requests and seeds, so
+        the result is the one the lost engine would have returned. Without ``on_lost`` the error is raised.
+        ``poll`` runs while waiting (the driver's preemption check)."""
+        import ray
+
+        from workers.calls import POLL_S
+
+        out: list[list[Trajectory] | None] = [None] * len(self.workers)
+        pending: dict = {}
+
+        def submit(i: int, a: int, b: int) -> None:
+            pending[self.workers[i].generate.remote(list(requests[a:b]))] = (i, a, b)
+
+        for chunk in self.chunks(len(requests)):
+            submit(*chunk)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if not ready and poll is not None:
+                poll()
+            for ref in ready:
+                i, a, b = pending.pop(ref)
+                try:
+                    out[i] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - handed to on_lost, which re-raises what it cannot repair
+                    if on_lost is None:
+                        raise
+                    on_lost(i, e)
+                    submit(i, a, b)
+        return [t for chunk in out if chunk for t in chunk]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | dict) -> list[int]:
         import ray
@@ -243,11 +296,17 @@ class RolloutPool:
 
         return ray.get([w.health.remote() for w in self.workers])
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the engines (``graceful``: let each close its vLLM engine first, after a call in progress)
+        and kill the actors."""
         import ray
 
         try:
-            ray.get([w.shutdown.remote() for w in self.workers])
+            if graceful:
+                calls = [w.shutdown.remote() for w in self.workers]
+                for call in calls:
+                    with contextlib.suppress(ray.exceptions.RayActorError):  # a lost engine has nothing to close
+                        ray.get(call, timeout=300)
         finally:
             for w in self.workers:
                 ray.kill(w)

@@ -32,6 +32,6 @@ def _check_vllm_version() -> str:
 
 VLLM_VERSION = _check_vllm_version()
 
-from workers.vllm_soft.engine import SoftEngine  # noqa: E402
+from workers.vllm_soft.engine import SoftEngine, engine_dead_error, engine_died  # noqa: E402
 
-__all__ = ["SoftEngine", "VLLM_VERSION", "SUPPORTED_VLLM"]
+__all__ = ["SoftEngine", "VLLM_VERSION", "SUPPORTED_VLLM", "engine_dead_error", "engine_died"]

@@ -298,3 +298,15 @@ class SoftEngine:
             import gc
 
             gc.collect()
+
+
+def engine_dead_error() -> type[Exception]:
+    """vLLM's ``EngineDeadError``: raised when one of the engine's processes (e.g. a tensor-parallel worker) dies;
+    the actor holding the engine is alive but cannot generate again."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return EngineDeadError
+
+
+def engine_died(error: BaseException) -> bool:
+    return isinstance(error, engine_dead_error())
