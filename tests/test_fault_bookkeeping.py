@@ -119,6 +119,9 @@ def test_a_dead_vllm_engine_marks_its_worker_lost():
         def stats(self):
             return {}
 
+        def failed(self):
+            return False
+
     for error, lost in ((EngineDeadError(), True), (ValueError("prompt too long"), False)):
         w = RolloutWorker.__new__(RolloutWorker)
         w.engine, w.model_dir, w.generated, w.engine_error = Engine(error), "m", 0, None

@@ -95,3 +95,43 @@ def test_tp2_broadcast_weight_sync(tp_setup):
     assert_same(got, ref, "synced weights, vLLM TP=2")
     old = reference(models, "qwen2", prompts, params)
     assert any(a.tokens.tolist() != b.tokens.tolist() for a, b in zip(got, old, strict=True))  # weights changed
+
+
+def test_tp2_worker_process_death_marks_the_engine_failed(tp_setup):
+    """SIGKILL of one tensor-parallel worker process mid-generate: the generate raises, the engine says it failed,
+    and its rollout actor reports itself unhealthy, so the run replaces the actor (workers/recovery.py).
+    Runs last in this module: the engine is unusable afterwards."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from soft_rl.sampling import SoftSamplingParams
+    from workers.rollout import RolloutRequest, RolloutWorker
+
+    models, eng = tp_setup
+    victim = next(p for p in psutil.Process().children(recursive=True) if p.name() == "VLLM::Worker_TP1")
+    start = victim.cpu_times().user + victim.cpu_times().system
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 60
+        while victim.cpu_times().user + victim.cpu_times().system - start < 0.05 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(victim.pid, signal.SIGKILL)
+
+    worker = RolloutWorker.__new__(RolloutWorker)
+    worker.engine, worker.model_dir, worker.generated, worker.engine_error = eng, "tp2", 0, None
+    assert worker.health()["ok"] and not eng.failed()
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    params = [SoftSamplingParams(seed=i, top_k=5, k=4, tau=0.5) for i in range(8)]
+    with pytest.raises(Exception):  # noqa: B017 - vLLM raises a RuntimeError naming the worker's error
+        worker.generate([RolloutRequest(p, s, STEPS) for p, s in zip(prompts_for(models["tokenizer"], 8), params,
+                                                                        strict=True)] * 8)
+    killer.join()
+    deadline = time.monotonic() + 10
+    while not eng.failed() and time.monotonic() < deadline:  # the executor's monitor thread marks it
+        time.sleep(0.05)
+    health = worker.health()
+    assert eng.failed() and not health["ok"] and health["error"], health

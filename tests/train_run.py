@@ -23,7 +23,8 @@ STEPS = 2
 # Metric names the driver writes for every step (workers/driver.py); the run's outputs must have them.
 STEP_KEYS = ("reward/mean", "reward/std", "reward/failures", "rollout/tokens", "rollout/soft_frac",
              "rollout_vs_learner/max_abs_logprob_diff", "learner/pg_loss", "learner/grad_norm", "time/rollout",
-             "time/update", "time/sync", "time/step", "time/checkpoint", "tokens_per_s")
+             "time/update", "time/sync", "time/step", "time/checkpoint", "tokens_per_s", "faults/total",
+             "faults/engine_restarts", "faults/reward_restarts", "faults/learner_restarts")
 PLACEMENT = "[train] actors by node: "
 
 
@@ -57,6 +58,7 @@ def check_run(out: Path, learners: int = 2) -> list[dict]:
         missing = [k for k in STEP_KEYS if k not in rec and not (k == "time/checkpoint" and rec["step"] < STEPS)]
         assert not missing, f"step {rec['step']} lacks {missing}: {sorted(rec)}"
         assert 0.0 <= rec["reward/mean"] <= 1.0 and rec["reward/failures"] == 0, rec
+        assert rec["faults/total"] == 0 and "faults/events" not in rec, rec  # nothing was lost in these runs
         assert rec["rollout/tokens"] > 0 and 0.0 < rec["rollout/soft_frac"] <= 1.0, rec
         assert rec["rollout_vs_learner/max_abs_logprob_diff"] <= 1e-4, rec  # engine and learners agree
     ckpt = out / "checkpoints" / f"step-{STEPS:08d}"

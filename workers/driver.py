@@ -297,7 +297,9 @@ class TrainingRun:
 
     def load_newest_checkpoint(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that is complete (``soft_rl.checkpoints``) and loads; one whose files are all
-        there but do not load (corrupt content) is skipped with a warning naming it, as an incomplete one is."""
+        there but do not load (corrupt content) is skipped with a warning naming it, as an incomplete one is,
+        and the learner group is started anew before the next (a load that failed on some ranks can leave the
+        others half-loaded or waiting in a collective)."""
         for ckpt in usable_checkpoints(self.ckpt_root, self.log):
             try:
                 return ckpt, self.actors.learners.load_checkpoint(str(ckpt))
@@ -305,6 +307,9 @@ class TrainingRun:
                 if is_actor_loss(e):
                     raise
                 self.log(f"[train] WARNING: skipping checkpoint {ckpt}: it does not load: {str(e).splitlines()[0]}")
+                self.actors.learners.shutdown()
+                self.actors.learners = self.actors.make_learners()
+                self._open_channel()
         return None
 
     def start(self, resume) -> None:

@@ -101,7 +101,7 @@ class RolloutWorker:
         except Exception as e:
             from workers.vllm_soft import engine_died
 
-            if engine_died(e):  # e.g. a tensor-parallel worker process was killed: this actor cannot recover
+            if engine_died(e) or self.engine.failed():  # e.g. a tensor-parallel worker process was killed
                 self.engine_error = f"{type(e).__name__}: {e}"
             raise
         self.generated += len(trajs)
@@ -177,8 +177,11 @@ class RolloutWorker:
         return self.engine.reset_prefix_cache()
 
     def health(self) -> dict:
-        return {"ok": not self.engine._closed and self.engine_error is None, "error": self.engine_error,
-                "pid": os.getpid(), "model": self.model_dir,
+        if self.engine_error is None and self.engine.failed():
+            self.engine_error = "a process of the vLLM engine died"
+        if self.engine_error is not None:  # the engine cannot answer (stats would wait on a dead process)
+            return {"ok": False, "error": self.engine_error, "pid": os.getpid(), "model": self.model_dir}
+        return {"ok": not self.engine._closed, "error": None, "pid": os.getpid(), "model": self.model_dir,
                 "generated": self.generated, **self.engine.stats()}
 
     def shutdown(self) -> None:

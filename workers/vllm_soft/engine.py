@@ -227,6 +227,10 @@ class SoftEngine:
         blobs = self.llm.collective_rpc("soft_fetch", args=(keys,))
         return pickle.loads(blobs[0])  # identical on every TP rank; rank 0's copy
 
+    def failed(self) -> bool:
+        """A process of this engine died: it cannot generate again (its actor is replaced, workers/recovery.py)."""
+        return engine_failed(self.llm)
+
     def stats(self) -> dict[str, int]:
         """The runner's counters plus ``prompt_tokens`` / ``prefix_cached_tokens`` of this engine's requests."""
         return {**self.llm.collective_rpc("soft_stats")[0], **self._cache_counts}
@@ -298,6 +302,15 @@ class SoftEngine:
             import gc
 
             gc.collect()
+
+
+def engine_failed(llm) -> bool:
+    """Whether a process of ``llm``'s engine died (vLLM's executor monitors its worker processes and marks itself
+    failed; the generate in progress raises a RuntimeError, later ones ``EngineDeadError``). In-process engine
+    core only (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, how ``SoftEngine`` runs); a single-process executor cannot
+    lose a process without its actor."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    return bool(getattr(getattr(core, "model_executor", None), "is_failed", False))
 
 
 def engine_dead_error() -> type[Exception]:
