@@ -44,6 +44,9 @@ class RecordingEngine:
     def stats(self) -> dict:
         return {"standin": self.record}
 
+    def failed(self) -> bool:
+        return False
+
     def shutdown(self) -> None:
         self._closed = True
 
