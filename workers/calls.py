@@ -3,38 +3,27 @@
 ``ray.get(refs)`` on a group's calls waits for every one of them: when one learner rank dies, the others
 block in their collective until its timeout (minutes), and the driver with them. ``get_all`` raises the
 first error any call returns (Ray reports a SIGKILLed actor's calls within about a second), so the run can
-replace the group right away; ``poll`` runs between waits (the driver's preemption check). Ray is imported
-when called (the learner module, which uses this, also runs without Ray).
+replace the group right away. ``POLL_S`` is also how often the pools' waits run the driver's preemption
+check. Ray is imported when called (the learner module, which uses this, also runs without Ray).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 POLL_S = 0.5
 
 
-def get_all(refs: Sequence, timeout_s: float | None = None, poll: Callable[[], None] | None = None,
-            what: str = "actor calls") -> list:
+def get_all(refs: Sequence) -> list:
     """The results of ``refs`` in order; the first failed call's error as soon as it is known."""
     import ray
 
-    refs = list(refs)
     results: list = [None] * len(refs)
     pending = {ref: i for i, ref in enumerate(refs)}
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        wait_s = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
         for ref in ready:
             results[pending.pop(ref)] = ray.get(ref)  # raises the call's error (RayActorError for a dead actor)
-        if pending:
-            if poll is not None:
-                poll()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ray.exceptions.GetTimeoutError(f"{what}: {len(pending)} of {len(refs)} did not finish "
-                                                     f"within {timeout_s:.0f}s")
     return results
 
 

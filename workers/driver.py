@@ -371,7 +371,7 @@ class TrainingRun:
             "rollout/think_len": sum(t.n_think for t in trajs) / len(trajs),
             **learned.gaps.metrics(),
             "time/rollout": t_roll - t0, "time/reward": t_rew - t_roll, "time/old_logprobs": learned.old_s,
-            "time/update": t_upd - t_rew, "time/sync": t_end - t_upd, "time/step": t_end - t0,
+            "time/update": learned.update_s, "time/sync": t_end - t_upd, "time/step": t_end - t0,
             "tokens_per_s": n_tok / max(t_roll - t0, 1e-9),
             **{f"learner/{k}": v for k, v in learned.metrics.items()}, **sync,
         })

@@ -342,9 +342,9 @@ class RewardPool:
         actor_cls = ray.remote(num_cpus=num_cpus)(_RewardActor)
         self._start = lambda: actor_cls.remote(reward, timeout_s, memory_limit_mb)
         self._actors = [self._start() for _ in range(num_actors)]
-        self._totals: dict[str, int] = {}
-        # Surface start-up errors (e.g. the reward cannot be imported on the workers) now.
-        self._totals = dict.fromkeys(ray.get([a.stats.remote() for a in self._actors])[0], 0)
+        # Surface start-up errors (e.g. the reward cannot be imported on the workers) now; the pool's counters
+        # (summed per scored chunk) start at zero.
+        self._totals: dict[str, int] = dict.fromkeys(ray.get([a.stats.remote() for a in self._actors])[0], 0)
 
     @property
     def actors(self) -> list:
