@@ -5,9 +5,11 @@
 Runs ``soft-rl train`` on the toy task (the shipped warm start, configs/tiny_cpu.yaml shrunk to
 1 engine, 1 ZeRO-2 learner, 8 prompts x 8 samples per step) for ``--steps`` steps in each dtype with
 the probe's check off, and prints each step's mean |engine - learner| log-prob at discrete and at soft
-positions (``soft_rl.sync_probe.LogprobGaps``), then per dtype the largest over the steps beside the
-default tolerance (``soft_rl.sync_probe.DEFAULT_TOLERANCES``) as ``<dtype>_margin_discrete=<tol / gap>``
-and ``<dtype>_margin_soft=<tol / gap>``. Those tolerances were set from this script's bfloat16 output.
+positions (``soft_rl.sync_probe.LogprobGaps``). Then, per dtype and kind, what the run's parity policy
+(``soft_rl.sync_probe.ParityPolicy`` with the config's defaults) makes of them: the level it calibrates on
+the first steps, ``<dtype>_drift_<kind>=<largest later gap / level>`` (the policy stops a run at
+``learner.sync_probe_jump``, 10: a healthy run must stay well below it) and
+``<dtype>_hard_margin_<kind>=<hard bound / largest gap>``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from soft_rl.config import load_config
-    from soft_rl.sync_probe import DEFAULT_TOLERANCES
+    from soft_rl.sync_probe import LogprobGaps, ParityPolicy
     from soft_rl.toy.init import toy_init
     from workers.cluster import init_ray
     from workers.driver import train
@@ -49,6 +51,11 @@ def main() -> None:
                      f"trainer.out_dir={tmp / dtype}"]
         history = train(load_config("configs/tiny_cpu.yaml", overrides), log=lambda s: None)
         p = "rollout_vs_learner/"
+        cfg = load_config("configs/tiny_cpu.yaml", overrides)
+        lc = cfg.learner
+        policy = ParityPolicy.for_run(dtype, lc.sync_probe_tol, lc.sync_probe_tol_soft,
+                                      lc.sync_probe_calibration_steps, lc.sync_probe_jump)
+        later = {"discrete": 0.0, "soft": 0.0}
         worst = {"discrete": 0.0, "soft": 0.0}
         for rec in history:
             if p + "mean_abs_logprob_diff_soft" not in rec:
@@ -57,11 +64,19 @@ def main() -> None:
             d_max, s_max = rec[p + "max_abs_logprob_diff_discrete"], rec[p + "max_abs_logprob_diff_soft"]
             print(f"{dtype} step {rec['step']}: mean gap discrete {d:.3g} (max {d_max:.3g}), "
                   f"soft {s:.3g} (max {s_max:.3g})", flush=True)
+            was_calibrated = policy.calibrated
+            verdict = policy.check(rec["step"], LogprobGaps(d, d_max, s, s_max, 0.0, 0.0))
+            if verdict:
+                print(f"{dtype} step {rec['step']}: the policy would stop this healthy run: {verdict}", flush=True)
+            if was_calibrated:
+                later = {"discrete": max(later["discrete"], d), "soft": max(later["soft"], s)}
             worst = {"discrete": max(worst["discrete"], d), "soft": max(worst["soft"], s)}
-        tol = dict(zip(("discrete", "soft"), DEFAULT_TOLERANCES[dtype], strict=True))
-        for kind in ("discrete", "soft"):
-            print(f"{dtype}_worst_{kind}={worst[kind]:.3g} tolerance={tol[kind]:g}")
-            print(f"{dtype}_margin_{kind}={tol[kind] / max(worst[kind], 1e-12):.3g}", flush=True)
+        print(policy.describe())
+        for i, kind in enumerate(("discrete", "soft")):
+            level = policy.level[i] if policy.level else float("nan")
+            print(f"{dtype}_level_{kind}={level:.3g}")
+            print(f"{dtype}_drift_{kind}={later[kind] / max(level, 1e-30):.3g}")
+            print(f"{dtype}_hard_margin_{kind}={policy.hard[i] / max(worst[kind], 1e-30):.3g}", flush=True)
 
 
 if __name__ == "__main__":

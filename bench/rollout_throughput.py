@@ -1,4 +1,5 @@
-"""Rollout throughput: stock vLLM plain decoding vs the soft-thinking engine vs the HF soft reference.
+"""Rollout throughput: stock vLLM plain decoding vs the soft-thinking engine (its per-step soft work eager and
+compiled, ``rollout.engine_step``) vs the HF soft reference.
 
     PYTHONPATH=. .venv/bin/python bench/rollout_throughput.py [--model synthetic|smollm2] [--dtype auto]
         [--batch B] [--new-tokens N]
@@ -14,11 +15,12 @@ request decodes exactly ``--new-tokens`` tokens (EOS ignored on every side).
 Dtype: ``--dtype auto`` (default) times a float32 and a bfloat16 matmul and runs everything in the
 faster one: float32 where bfloat16 is emulated (e.g. AVX2 without native bf16, where the bf16 bench
 once ran at 17 GFLOP/s and took 40 minutes), bfloat16 where the processor computes it natively. The
-choice is printed. The last three lines are the ratios:
+choice is printed. The last lines are the ratios (the soft engine: its production CPU mode, compiled):
 
-    decode_vs_matmul_peak = soft decode FLOP/s (2 x parameters per token) / measured matmul FLOP/s
-    soft_vs_hf            = soft engine tokens/s / HF soft reference tokens/s
-    soft_vs_plain         = soft engine tokens/s / stock vLLM plain tokens/s
+    decode_vs_matmul_peak       = soft decode FLOP/s (2 x parameters per token) / measured matmul FLOP/s
+    soft_vs_hf                  = soft engine tokens/s / HF soft reference tokens/s
+    soft_vs_plain               = soft engine tokens/s / stock vLLM plain tokens/s
+    soft_compiled_vs_eager      = soft engine tokens/s, engine_step=compiled / the same engine, engine_step=eager
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ def main():
     peak = matmul_flops(dtype=dtype)
     print(f"{dtype} matmul: {peak / 1e9:.1f} GFLOP/s", flush=True)
 
-    # (a) stock vLLM plain sampling and (b) the soft engine with every request soft. Both engines stay
-    # up and the runs alternate (plain, soft, plain, soft, ...), best of --reps each, so that load from
-    # other processes on this shared 2-core machine hits both alike.
+    # (a) stock vLLM plain sampling and (b) the soft engine with every request soft, its per-step soft work
+    # compiled (the production CPU mode; compiled at start-up: prepare_params) and (b') eager. The engines stay
+    # up and the runs alternate (plain, soft, soft eager, plain, ...), best of --reps each, so that load from
+    # other processes on this shared 2-core machine hits them alike.
     from vllm import LLM, SamplingParams
 
     from workers.vllm_soft import SoftEngine
@@ -165,28 +168,39 @@ def main():
     sp = SamplingParams(max_tokens=N, temperature=1.0, top_k=5, ignore_eos=True, detokenize=False, seed=0)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     # no prefix caching on either side (distinct prompts; like for like with the plain engine)
-    eng = SoftEngine(str(model_dir), max_k=8, max_new_tokens=N, prefix_caching="off", **llm_kw)
+    t0 = time.perf_counter()
+    eng = SoftEngine(str(model_dir), max_k=8, max_new_tokens=N, prefix_caching="off", engine_step="compiled",
+                     prepare_params=params[:1], **llm_kw)
+    print(f"soft engine (compiled step) started in {time.perf_counter() - t0:.1f} s (the step's compile included)",
+          flush=True)
+    eng_eager = SoftEngine(str(model_dir), max_k=8, max_new_tokens=N, prefix_caching="off", engine_step="eager",
+                           **llm_kw)
 
     def run_plain():
         outs = llm.generate(inputs, sp, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
-    def run_soft():
-        trajs = eng.generate(prompts, params, max_new_tokens=N, ignore_eos=True)
+    def run_soft(engine):
+        trajs = engine.generate(prompts, params, max_new_tokens=N, ignore_eos=True)
         return sum(t.num_tokens for t in trajs)
 
     llm.generate(inputs[:4], SamplingParams(max_tokens=8, detokenize=False), use_tqdm=False)
-    eng.generate(prompts[:4], params[:4], max_new_tokens=8)
-    plain = soft = 0.0
+    for e in (eng, eng_eager):
+        e.generate(prompts[:4], params[:4], max_new_tokens=8)
+    plain = soft = soft_eager = 0.0
     for r in range(args.reps):
         plain = max(plain, best_of(run_plain, 1))
-        soft = max(soft, best_of(run_soft, 1))
-        print(f"  rep {r}: best so far plain {plain:.0f} tok/s, soft {soft:.0f} tok/s", flush=True)
+        soft = max(soft, best_of(lambda: run_soft(eng), 1))
+        soft_eager = max(soft_eager, best_of(lambda: run_soft(eng_eager), 1))
+        print(f"  rep {r}: best so far plain {plain:.0f} tok/s, soft {soft:.0f} tok/s, soft eager step "
+              f"{soft_eager:.0f} tok/s", flush=True)
     print(f"(a) stock vLLM plain: {plain:.0f} tok/s", flush=True)
-    print(f"(b) soft engine (all soft): {soft:.0f} tok/s; {eng.stats()}", flush=True)
-    eng.shutdown()
+    print(f"(b) soft engine (all soft, compiled step): {soft:.0f} tok/s; {eng.stats()}", flush=True)
+    print(f"(b') soft engine (all soft, eager step): {soft_eager:.0f} tok/s", flush=True)
+    for e in (eng, eng_eager):
+        e.shutdown()
     llm.llm_engine.engine_core.shutdown()
-    eng = llm = None
+    eng = eng_eager = llm = None
     gc.collect()
 
     # (c) HF soft reference
@@ -205,6 +219,7 @@ def main():
     print(f"decode_vs_matmul_peak={soft * 2 * n_params / peak:.3f}")
     print(f"soft_vs_hf={soft / hf_rate:.2f}")
     print(f"soft_vs_plain={soft / plain:.3f}")
+    print(f"soft_compiled_vs_eager={soft / soft_eager:.3f}")
 
 
 if __name__ == "__main__":

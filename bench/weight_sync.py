@@ -6,12 +6,21 @@ and one rollout worker (vLLM CPU engine) on a local Ray cluster. In the same run
 object-store transfer, in-place reload in the engine) and ``broadcast`` (a gloo group of learner
 rank 0 and the engine process, buckets streamed into the reload), and (b) an in-process copy of
 the same bytes (``torch.Tensor.copy_`` of every tensor), and (c) the peak extra host memory of one
-object-store sync (the machine's used memory, MemTotal - MemAvailable, sampled every few milliseconds,
-minus its value just before the sync; the largest over the repeats) as a ratio to the model's size.
-Last lines: ``sync_peak_host_mem_vs_model=<r>``, ``object_store_vs_memcpy=<r>``, then
-``sync_vs_memcpy=<r>`` for the default transport (broadcast).
+object-store sync as a ratio to the model's size.
 
-    .venv/bin/python bench/weight_sync.py [--hidden 512 --layers 8 --vocab 32768 --repeats 3]
+Memory is the sum of the proportional set sizes (PSS, /proc/<pid>/smaps_rollup: shared pages split
+among the processes that map them, so the shared-memory object store is counted once) of the processes
+the sync involves: this driver, the learner and engine actors, and Ray's raylet (which holds the object
+store), sampled every few milliseconds, minus the sum just before the sync. Before each sync every one
+of them frees what its allocator caches (gc, ``malloc_trim``), so a sync does not profit from an earlier
+one's freed-but-kept pages, and ``--warmup`` unmeasured syncs run first: the object store touches its
+shared-memory pages once and reuses them after, so a process's first syncs read higher than its steady
+state. The machine-wide figure this replaced (MemTotal - MemAvailable) counted every other process too
+and read 0.71-2.01 on one idle machine. Printed: every sync's figure, their median and spread. Last
+lines: ``sync_peak_host_mem_vs_model=<median>`` (with min and max), ``object_store_vs_memcpy=<r>``,
+then ``sync_vs_memcpy=<r>`` for the default transport (broadcast).
+
+    .venv/bin/python bench/weight_sync.py [--hidden 512 --layers 8 --vocab 32768 --repeats 5 --warmup 2]
 """
 
 from __future__ import annotations
@@ -51,27 +60,51 @@ def build_bench_model(out: Path, hidden: int, layers: int, vocab: int):
     return sum(p.numel() for p in model.parameters())
 
 
-def used_host_memory() -> int:
-    """Bytes in use on this machine (MemTotal - MemAvailable): every process and the shared-memory
-    object store included."""
-    info = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            info[key] = int(value.split()[0]) * 1024
-    return info["MemTotal"] - info["MemAvailable"]
+def pss(pids) -> int:
+    """Sum of the proportional set sizes of ``pids`` in bytes (a process that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
 
 
-def peak_extra_memory(fn):
-    """(fn's result, the peak of used host memory while fn ran minus its value before)."""
+def _trim(_self=None) -> int:
+    """Free what this process's allocators cache; returns its pid (run in each actor via __ray_call__)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return os.getpid()
+
+
+def raylet_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if "raylet" in (p.info["name"] or "") or any("raylet" in c for c in (p.info["cmdline"] or [])[:1])]
+
+
+def peak_extra_memory(fn, pids):
+    """(fn's result, the peak of the processes' summed PSS while fn ran minus its value before)."""
     import threading
 
-    before, peak, done = used_host_memory(), [0], threading.Event()
+    before, peak, done = pss(pids), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], used_host_memory())
-            time.sleep(0.002)
+            peak[0] = max(peak[0], pss(pids))
+            time.sleep(0.003)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -80,7 +113,7 @@ def peak_extra_memory(fn):
     finally:
         done.set()
         t.join()
-    return result, max(peak[0], used_host_memory()) - before
+    return result, max(peak[0], pss(pids)) - before
 
 
 def main() -> None:
@@ -88,7 +121,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured object-store syncs first (steady state)")
     ap.add_argument("--bucket-mb", type=float, default=64)
     args = ap.parse_args()
 
@@ -114,12 +148,21 @@ def main() -> None:
         channel = BroadcastChannel(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600)
         times: dict[str, list[float]] = {"object_store": [], "broadcast": [], "memcpy": []}
         peaks: list[int] = []
+        actors = [learners.actors[0], pool.workers[0]]
+
+        def trimmed_pids() -> list[int]:
+            return [_trim()] + ray.get([a.__ray_call__.remote(_trim) for a in actors]) + raylet_pids()
+
+        for _ in range(args.warmup):  # the object store's shared-memory pages are touched once, then reused
+            sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600)
         for _ in range(args.repeats):  # interleaved, so that load from other processes hits all alike
             t0 = time.perf_counter()
             for k, v in state.items():
                 dst[k].copy_(v)
             times["memcpy"].append(time.perf_counter() - t0)
-            m, extra = peak_extra_memory(lambda: sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600))
+            pids = trimmed_pids()
+            m, extra = peak_extra_memory(lambda: sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600),
+                                         pids)
             times["object_store"].append(m["sync/total_s"])
             peaks.append(extra)
             b = sync_weights(learners, pool, bucket_mb=args.bucket_mb, timeout_s=600, channel=channel)
@@ -130,10 +173,12 @@ def main() -> None:
               f"object_store_s={med['object_store']:.3f} "
               f"broadcast_s={med['broadcast']:.3f} memcpy_s={c:.4f} "
               f"broadcast_GBps={nbytes / med['broadcast'] / 1e9:.2f} memcpy_GBps={nbytes / c / 1e9:.2f}")
-        print(f"object-store sync: peak extra host memory {max(peaks) / 2**20:.1f} MiB per sync (each: "
-              f"{', '.join(f'{p / 2**20:.1f}' for p in peaks)}) for a {nbytes / 2**20:.1f} MiB model, "
+        print(f"object-store sync: peak extra host memory (PSS of driver, learner, engine, raylet) per sync: "
+              f"{', '.join(f'{p / 2**20:.1f}' for p in peaks)} MiB for a {nbytes / 2**20:.1f} MiB model, "
               f"{args.bucket_mb:g} MiB buckets")
-        print(f"sync_peak_host_mem_vs_model={max(peaks) / nbytes:.2f}")
+        ratios = [p / nbytes for p in peaks]
+        print(f"sync_peak_host_mem_vs_model={statistics.median(ratios):.2f} (min {min(ratios):.2f}, "
+              f"max {max(ratios):.2f}, {len(ratios)} syncs)")
         print(f"object_store_vs_memcpy={med['object_store'] / c:.1f}")
         print(f"sync_vs_memcpy={med['broadcast'] / c:.1f}")
     finally:

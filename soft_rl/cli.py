@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ri.add_argument("out_dir", help="the model directory to write (cached)")
     ri.add_argument("--rebuild", action="store_true", help="convert again even if the directory is up to date")
     _add_eval(sub)
+    _add_plan(sub)
     args = parser.parse_args(argv)
 
     if args.command == "quickstart":
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"soft-rl real-init: {e}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "plan":
+        return _run_plan(args)
     if args.command == "eval":
         from workers.eval import run_eval
 
@@ -110,6 +113,34 @@ def _add_toy_init(sub) -> None:
                    help="torch CPU threads; 1 (default) is far faster than 2 when another process shares the 2 cores")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory plan of a GPU run (learner rank, engine GPU, colocated GPU); "
+                       "exits 1 when a GPU would overflow")
+    p.add_argument("--config", default=None, help="a YAML preset from configs/")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU in GiB (default 80; an H100 80GB shows CUDA about 79.6)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides; model.path may name a shape directory, "
+                   "e.g. model.path=configs/shapes/r1-distill-qwen-7b (only its config.json is read)")
+
+
+def _run_plan(args) -> int:
+    from soft_rl.config import ConfigError, load_config
+    from soft_rl.memory_plan import GiB, plan_for_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = plan_for_config(cfg, int(args.gpu_memory_gib * GiB))
+    except ConfigError as e:
+        print(f"soft-rl plan: {e}", file=sys.stderr)
+        return 2
+    print(plan.render())
+    message = plan.overflow_message()
+    if message:
+        print(message, file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="n samples per problem, scored: pass@1, pass@k, first-k pass@k, lengths")
     e.add_argument("--model", required=True, help="HF model directory")
@@ -131,6 +162,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--reward-timeout", type=float, default=10.0)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--num-engines", type=int, default=1)
+    e.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (vLLM backend)")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="model weights (default: float32; with --preset paper: bfloat16)")
     e.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
@@ -149,7 +181,8 @@ def _eval_run(args):
     resolved = resolve_eval_defaults(args.preset, dtype=args.dtype, reward=args.reward)
     return EvalRun(model=args.model, data=args.data, settings=settings, backend=args.backend, out=args.out,
                    reward=resolved["reward"], reward_actors=args.reward_actors, reward_timeout_s=args.reward_timeout,
-                   batch_size=args.batch_size, num_engines=args.num_engines, dtype=resolved["dtype"],
+                   batch_size=args.batch_size, num_engines=args.num_engines,
+                   tensor_parallel_size=args.tensor_parallel_size, dtype=resolved["dtype"],
                    limit=args.limit, on_error=args.on_error)
 
 

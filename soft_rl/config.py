@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from soft_rl.engine_step import ENGINE_STEP_MODES
 from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
 from soft_rl.lr_schedule import LR_SCHEDULES
 from soft_rl.sampling import SoftSamplingParams
@@ -60,11 +61,23 @@ class RolloutConfig:
     kv_cache_gb: int = 1  # CPU engines (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.6
     prefix_caching: str = "prompt"  # prompt (share prompt KV blocks, never generated ones) | off
+    # requests an engine runs at once (vLLM's max_num_seqs; it also sizes the soft state and the sampler's
+    # profiled worst case). None: ceil(data.prompts_per_step * n / num_engines), what a step sends each engine
+    max_num_seqs: int | None = None
+    # how the engine runs its per-step soft-thinking device work (soft_rl/engine_step.py): auto (GPU: compiled
+    # and captured in CUDA graphs per row bucket; CPU: compiled) | eager | compiled | cuda_graph
+    engine_step: str = "auto"
     # Evaluation during training: each one set replaces that setting in both phases (None: as in training).
     # The paper presets use the official validation settings (T 0.6, top-p 0.95, top-k 5).
     eval_temperature: float | None = None
     eval_top_p: float | None = None
     eval_top_k: int | None = None
+
+    def engine_max_num_seqs(self, prompts_per_step: int) -> int:
+        """Requests one engine runs at once: ``max_num_seqs``, else the share of a step's batch it receives."""
+        if self.max_num_seqs is not None:
+            return self.max_num_seqs
+        return -(-prompts_per_step * self.n // self.num_engines)
 
     def eval_sampling_params(self, seed: int) -> SoftSamplingParams:
         """The held-out evaluation's sampling: the training sampler with the eval_* overrides."""
@@ -121,8 +134,13 @@ class LearnerConfig:
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 600.0
     sync_probe: bool = True  # fail when a rollout's log-probs disagree with the learners' (a bad weight sync)
-    sync_probe_tol: float | None = None  # mean |engine - learner| log-prob, discrete positions (soft_rl/sync_probe.py)
-    sync_probe_tol_soft: float | None = None  # the same at soft positions; None: the measured default for the dtype
+    # the parity probe's policy (soft_rl/sync_probe.py ParityPolicy): the healthy mean |engine - learner| log-prob
+    # gap is calibrated on the first sync_probe_calibration_steps steps (0: hard bounds only); later a gap above
+    # sync_probe_jump x that level stops the run, and at any step one above the hard bounds
+    sync_probe_calibration_steps: int = 3
+    sync_probe_jump: float = 10.0
+    sync_probe_tol: float | None = None  # hard bound, discrete positions; None: the default for the dtype
+    sync_probe_tol_soft: float | None = None  # hard bound, soft positions; None: the default for the dtype
 
 
 @dataclass
@@ -218,6 +236,8 @@ def validate(cfg: Config) -> None:
            "engines and tensor_parallel_size must be >= 1")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(r.prefix_caching in ("prompt", "off"), "rollout.prefix_caching", "must be prompt or off")
+    _check(r.max_num_seqs is None or r.max_num_seqs >= 1, "rollout.max_num_seqs", "must be >= 1 or null")
+    _check(r.engine_step in ENGINE_STEP_MODES, "rollout.engine_step", f"must be one of {list(ENGINE_STEP_MODES)}")
     _check(r.noise_clamp is None or len(r.noise_clamp) == 2, "rollout.noise_clamp", "must be [low, high] or null")
     _check(cfg.model.head_dtype in ("float32", "model"), "model.head_dtype", "must be float32 or model")
     _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
@@ -241,6 +261,8 @@ def validate(cfg: Config) -> None:
     _check(lr.sync_probe_tol is None or lr.sync_probe_tol > 0, "learner.sync_probe_tol", "must be > 0 or null")
     _check(lr.sync_probe_tol_soft is None or lr.sync_probe_tol_soft > 0, "learner.sync_probe_tol_soft",
            "must be > 0 or null")
+    _check(lr.sync_probe_calibration_steps >= 0, "learner.sync_probe_calibration_steps", "must be >= 0")
+    _check(lr.sync_probe_jump > 1, "learner.sync_probe_jump", "must be > 1")
     _check(not (r.soft and r.noise == "none"), "rollout.noise",
            "noise=none has no density: SofT-GRPO needs gumbel, dirichlet or gaussian (or set rollout.soft=false)")
     batch = d.prompts_per_step * r.n

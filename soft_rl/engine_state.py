@@ -1,6 +1,7 @@
 """Per-request soft-thinking state on the engine's device, indexed by a persistent slot, and the device
 work of one engine step (``sample_step``, ``mixed_inputs``). The vLLM runner (workers/vllm_soft/runner.py)
-drives it; nothing here imports vLLM, so it runs and compiles anywhere torch does (tests/gpu).
+drives it, ``sample_step`` through ``soft_rl.engine_step.EngineStep`` (eager, compiled, or replayed from CUDA
+graphs); nothing here imports vLLM, so it runs and compiles anywhere torch does (tests/gpu).
 
 vLLM's persistent batch moves requests between rows (condense, reorder, preemption), so nothing here
 is indexed by batch row. Each soft_rl request owns a *slot* for its whole life (including while it is
@@ -18,6 +19,9 @@ Per slot it holds:
     without changes here. The weights are the next input
     (sum_k w_k E[i_k]) of that position, for decode and for re-prefill after preemption (recompute);
     the rest is the request's output, read once when it finishes.
+Every buffer has one row more than the store has slots: the *scratch* slot (``SoftStateStore.scratch``), which
+no request ever owns. Steps padded to a fixed row count (CUDA-graph buckets) point their padding rows at it,
+so padding reads valid parameters and writes only state and history nobody reads.
 Every buffer is allocated when the store is built or resized, never during a step.
 """
 
@@ -39,23 +43,60 @@ _STEP_FIELDS = ("is_soft", "thinking", "width")
 _PARAM_FIELDS = [f.name for f in fields(SamplingBatch) if f.name not in _STEP_FIELDS]
 
 
-class SoftStateStore:
-    """Device buffers for ``slots`` requests x ``gen_len`` generated positions x ``width`` soft slots."""
+def candidates_needed(params: SoftSamplingParams, width: int, vocab_size: int) -> int:
+    """The top-C candidate width (``soft_sample``'s ``candidates``) that every step of a request with these
+    parameters needs, in an engine whose soft slots are ``width`` wide (its ``max_k``) over ``vocab_size`` tokens.
 
-    def __init__(self, slots: int, gen_len: int, width: int, marker_width: int, device, vocab_size: int):
+    * Soft steps use the K slots, but top-p (top_p < 1) compares against the top-k mass S_k = sum of the
+      top_k largest probabilities, so the top top_k tokens must be candidates (top_k <= 0: S_k = 1; top_p = 1:
+      no top-p; either way the slots suffice).
+    * Discrete steps (the answer phase; the thinking phase without soft thinking) draw from the whole kept
+      prefix: top_k tokens, or the whole vocabulary when top_k <= 0.
+    The engine's step takes the largest over its rows; a driver takes it over its run's sampling settings
+    (``SoftEngine(max_candidates=...)`` profiles and caps the engine at that)."""
+    need = int(width)
+    thinking_top_k = [params.top_k] if params.soft and params.top_k > 0 and params.top_p < 1 else []
+    for top_k in [params.answer_top_k] + ([] if params.soft else [params.top_k]) + thinking_top_k:
+        need = vocab_size if top_k <= 0 else max(need, top_k)
+    return min(need, int(vocab_size))
+
+
+def candidates_error(params: SoftSamplingParams, need: int, max_candidates: int, vocab_size: int) -> str:
+    """Why a request is refused by an engine capped at ``max_candidates`` (``SoftEngine(max_candidates=...)``)."""
+    def width(top_k: int) -> str:
+        return f"{top_k} (the whole vocabulary, {vocab_size})" if top_k <= 0 else str(top_k)
+
+    return (f"request needs {need} sampling candidates (top_k={width(params.top_k)}, answer_top_k="
+            f"{width(params.answer_top_k)}, soft={params.soft}) but the engine was built with max_candidates="
+            f"{max_candidates} (set from the run's rollout.top_k / rollout.answer_top_k / rollout.eval_top_k); "
+            "raise it or lower the request's top_k")
+
+
+class SoftStateStore:
+    """Device buffers for ``slots`` requests x ``gen_len`` generated positions x ``width`` soft slots (plus the
+    scratch slot). ``max_candidates``: the widest candidate set a request may need (``candidates_needed``;
+    None: the vocabulary); ``allocate`` refuses wider requests and ``profile_step`` runs at this width."""
+
+    def __init__(self, slots: int, gen_len: int, width: int, marker_width: int, device, vocab_size: int,
+                 max_candidates: int | None = None):
         self.device = torch.device(device)
         self.width = int(width)
         self.vocab_size = int(vocab_size)
+        if max_candidates is not None and not self.width <= max_candidates:
+            raise ValueError(f"max_candidates={max_candidates} is below max_k={self.width}: every request needs at "
+                             "least max_k candidates (soft_rl.engine_state.candidates_needed)")
+        self.max_candidates = self.vocab_size if max_candidates is None else min(int(max_candidates), self.vocab_size)
+        self.version = 0  # bumped by every (re)allocation: captured CUDA graphs hold the old buffers' addresses
         self.slots = 0
         self.gen_len = 0
         self.marker_width = int(marker_width)
         self.t: dict[str, torch.Tensor] = {}
         self._packing_cache = self._packing()
         self._history_spec = self._history_fields()
-        self.h: dict[str, torch.Tensor] = {}  # history: SampleOutput field (+ "forced") -> [slots, gen_len, ...]
+        self.h: dict[str, torch.Tensor] = {}  # history: SampleOutput field (+ "forced") -> [slots + 1, gen_len, ...]
         # host-side per-slot facts (never read back from the device)
         self.free: list[int] = []
-        self.need_c = np.zeros(0, dtype=np.int64)  # candidate width the slot's discrete steps need
+        self.need_c = np.zeros(0, dtype=np.int64)  # candidate width the slot's steps need (candidates_needed)
         self.noise_code = np.zeros(0, dtype=np.int64)
         self.n_steps = np.zeros(0, dtype=np.int64)  # generated steps recorded so far (the next step's index)
         self.has_budget = np.zeros(0, dtype=bool)  # a thinking budget may force tokens
@@ -102,14 +143,15 @@ class SoftStateStore:
 
     def _resize(self, slots: int, gen_len: int) -> None:
         """(Re)allocate every buffer, history included, up front: the engine sizes the store before vLLM
-        sizes its KV cache, so nothing here is allocated later (``record`` never allocates)."""
-        new = self._empty(slots, gen_len)
+        sizes its KV cache, so nothing here is allocated later (``record`` never allocates). Rows 0..slots-1
+        are the slots, row ``slots`` the scratch slot (re-initialised here, never copied)."""
+        new = self._empty(slots + 1, gen_len)
         s, g = self.slots, min(self.gen_len, gen_len)
         for name, buf in self.t.items():
             new[name][:s] = buf[:s]
         self.t = new
         for name, (shape, dtype) in self._history_spec.items():
-            hb = torch.zeros((slots, gen_len) + shape, dtype=dtype, device=self.device)
+            hb = torch.zeros((slots + 1, gen_len) + shape, dtype=dtype, device=self.device)
             if name in self.h:
                 hb[:s, :g] = self.h[name][:s, :g]
             self.h[name] = hb
@@ -119,6 +161,14 @@ class SoftStateStore:
         self.n_steps = np.concatenate([self.n_steps, np.zeros(slots - self.slots, dtype=np.int64)])
         self.has_budget = np.concatenate([self.has_budget, np.zeros(slots - self.slots, dtype=bool)])
         self.slots, self.gen_len = slots, gen_len
+        self.version += 1
+        self._write_slot(self.scratch, SoftSamplingParams(k=self.width), [0])
+
+    @property
+    def scratch(self) -> int:
+        """The slot padding rows point at: valid parameters (a default soft request), owned by no request;
+        its state and history are written by padded steps and never read."""
+        return self.slots
 
     def ensure_gen_len(self, n: int) -> None:
         if n > self.gen_len:
@@ -132,10 +182,22 @@ class SoftStateStore:
             raise ValueError("think-end marker encodes to no tokens")
         if len(marker_ids) > self.marker_width:
             raise ValueError(f"think-end marker has {len(marker_ids)} tokens; the engine allows {self.marker_width}")
+        need = candidates_needed(params, self.width, self.vocab_size)
+        if need > self.max_candidates:
+            raise ValueError(candidates_error(params, need, self.max_candidates, self.vocab_size))
         self.ensure_gen_len(max_tokens)
         if not self.free:
             self._resize(2 * self.slots, self.gen_len)
         s = self.free.pop()
+        self._write_slot(s, params, marker_ids)
+        self.need_c[s] = need
+        self.noise_code[s] = NOISE_CODES[params.noise]
+        self.n_steps[s] = 0
+        self.has_budget[s] = params.thinking_budget is not None
+        return s
+
+    def _write_slot(self, s: int, params: SoftSamplingParams, marker_ids: list[int]) -> None:
+        """Slot ``s``'s parameter columns and initial phase state on the device."""
         one = SamplingBatch.from_params([params], device=self.device, width=self.width)
         t = self.t
         for dtype, names in self._packing_cache.items():
@@ -151,34 +213,29 @@ class SoftStateStore:
         t["n_generated"][s] = 0
         t["tail"][s] = -2
         t["force_pos"][s] = -1
-        # Discrete steps draw from the whole kept prefix: answer-phase steps, and thinking-phase steps of
-        # requests without soft thinking. Soft steps need only the K slots.
-        need = self.width
-        for top_k in (params.answer_top_k,) + (() if params.soft else (params.top_k,)):
-            need = self.vocab_size if top_k <= 0 else max(need, top_k)
-        self.need_c[s] = min(need, self.vocab_size)
-        self.noise_code[s] = NOISE_CODES[params.noise]
-        self.n_steps[s] = 0
-        self.has_budget[s] = params.thinking_budget is not None
-        return s
 
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
     def profile_step(self, rows: int) -> int:
         """One worst-case step on dummy logits, then the store as it was: ``rows`` requests (vLLM's
-        ``max_num_seqs``), full-vocabulary candidates, every noise kind, a thinking budget. Run inside
+        ``max_num_seqs``), ``max_candidates`` candidates (the widest a request may ask for: right-sized
+        from the run's sampling settings, or the vocabulary), every noise kind, a thinking budget. Run inside
         vLLM's memory profiling (before the KV cache is sized), it makes the allocator's peak cover
         ``soft_sample``'s [rows x vocabulary] temporaries, which vLLM's own dummy sampler run does not.
-        Float32 logits (model.head_dtype), the largest. Returns the rows run (at most the store's slots)."""
+        Float32 logits (model.head_dtype), the largest. Eager: the largest temporaries a step of any mode makes
+        outside a captured graph's pool. Returns the rows run (at most the store's slots)."""
         rows = min(int(rows), self.slots)
         free, saved = list(self.free), {n: a.copy() for n, a in self._host_facts().items()}
-        params = SoftSamplingParams(k=self.width, top_k=self.width, thinking_budget=1, answer_top_k=-1)
+        C = self.max_candidates
+        # a discrete answer phase over the top C: candidates_needed == C, the widest step allocate admits
+        params = SoftSamplingParams(k=self.width, top_k=self.width, thinking_budget=1,
+                                    answer_top_k=-1 if C >= self.vocab_size else C)
         slots = [self.allocate(params, [0], 1) for _ in range(rows)]
         logits = torch.randn(rows, self.vocab_size, device=self.device)
         slots_t = torch.as_tensor(slots, device=self.device)
         self.sample_step(logits, slots_t, torch.zeros_like(slots_t), has_budget=True, density="official",
-                         candidates=self.vocab_size, kinds=tuple(NOISE_KINDS))
+                         candidates=C, kinds=tuple(NOISE_KINDS))
         del logits
         self.free = free
         for name, arr in saved.items():
@@ -213,7 +270,7 @@ class SoftStateStore:
         """History buffer ``name`` as [slots * gen_len, ...] (a view): one index_copy_/index_select per
         field instead of a two-index advanced indexing op."""
         buf = self.h[name]
-        return buf.view(self.slots * self.gen_len, *buf.shape[2:])
+        return buf.view((self.slots + 1) * self.gen_len, *buf.shape[2:])
 
     def record(self, slots: torch.Tensor, steps: torch.Tensor, out: SampleOutput, forced: torch.Tensor) -> None:
         values = {f.name: getattr(out, f.name) for f in fields(out)}

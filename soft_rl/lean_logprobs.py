@@ -26,6 +26,39 @@ def _head_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+_FP32_ADDMM_INTO_FP32: dict[torch.device, bool] = {}
+
+
+def _cuda_addmm_into_fp32(device: torch.device) -> bool:
+    """Whether this torch's CUDA ``addmm(acc, a, b, out_dtype=float32, out=acc)`` takes a float32 ``acc`` with
+    bf16/fp16 ``a``, ``b`` (newer releases; older ones require ``acc`` in the operands' dtype). Probed once."""
+    if device not in _FP32_ADDMM_INTO_FP32:
+        a = torch.zeros(2, 2, dtype=torch.bfloat16, device=device)
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _FP32_ADDMM_INTO_FP32[device] = True
+        except (RuntimeError, TypeError):
+            _FP32_ADDMM_INTO_FP32[device] = False
+    return _FP32_ADDMM_INTO_FP32[device]
+
+
+def _head_addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, upcast: bool) -> None:
+    """acc (float32) += a @ b, in place: accumulated in float32 with ``upcast``, else rounded to the operands'
+    dtype first (as the forward's logits are). No [rows, cols] temporary where the kernel allows it (float32
+    operands; CUDA with an addmm that writes float32 from bf16/fp16 operands)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif not upcast:
+        acc.add_(a @ b)
+    elif a.is_cuda and _cuda_addmm_into_fp32(a.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 class _TokenScores(torch.autograd.Function):
     """(log softmax(z / T)[x], entropy of softmax(z / T)) with z = h W^T + b, over the full vocabulary, in
     chunks of positions: neither the forward nor the saved state holds more than ``chunk`` x V logits.
@@ -35,63 +68,110 @@ class _TokenScores(torch.autograd.Function):
         d lp / d u_v = [v = x] - p_v
         d H / d u_v  = -p_v (u_v - E[u])           (H = lse - E[u])
     and d / d z = (d / d u) / T.
+
+    Memory per chunk of c positions (float32 [c, V] buffers, everything else is O(c + V) or the inputs):
+    the forward holds 2 (u, exp(u - max)); the backward 1 without the entropy's gradient (u becomes p, then
+    the gradient, in place) and 2 with it (u and p), plus a [c, V] copy in the weight dtype when that is
+    not float32 (half a buffer for bf16). Across chunks the backward keeps the float32 weight gradient
+    [V, H] (accumulated in place) and returns it in the weight dtype (a second [V, H] copy at the end
+    when that is not float32). ``entropy_grad=False`` marks the entropy non-differentiable: a metric,
+    whose zero gradient costs nothing.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk: int, upcast: bool):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk: int, upcast: bool, entropy_grad: bool):
         N = hidden.shape[0]
         lp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse, mean_u = torch.empty_like(lp), torch.empty_like(lp)
+        ent, lse, mean_u = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
         for s in range(0, N, chunk):
-            u = _TokenScores.logits(hidden[s: s + chunk], weight, bias, upcast) / temperature[s: s + chunk, None]
-            lse[s: s + chunk] = torch.logsumexp(u, -1)
-            p = torch.exp(u - lse[s: s + chunk, None])
-            mean_u[s: s + chunk] = (p * u).sum(-1)
-            lp[s: s + chunk] = u.gather(1, tokens[s: s + chunk, None]).squeeze(1) - lse[s: s + chunk]
+            e = min(s + chunk, N)
+            u = _TokenScores.scaled_logits(hidden[s:e], weight, bias, temperature[s:e], upcast)
+            m = u.amax(-1)
+            u.sub_(m[:, None])  # y = u - max(u) <= 0, in place
+            q = torch.exp(u)  # exp(y): the unnormalised softmax
+            z = q.sum(-1)
+            log_z = z.log()
+            mean_y = q.mul_(u).sum(-1) / z  # E[y] = sum_v q_v y_v / z, the product in q's buffer
+            del q
+            lse[s:e] = m + log_z  # logsumexp(u) = max + log sum exp(y)
+            mean_u[s:e] = m + mean_y
+            lp[s:e] = u.gather(1, tokens[s:e, None]).squeeze(1) - log_z  # y_x - log z = u_x - lse
+            ent[s:e] = log_z - mean_y  # H = lse - E[u] = log z - E[y]
+            del u
         ctx.save_for_backward(hidden, weight, bias, tokens, temperature, lse, mean_u)
-        ctx.chunk, ctx.upcast = chunk, upcast
-        return lp, lse - mean_u
+        ctx.chunk, ctx.upcast, ctx.entropy_grad = chunk, upcast, entropy_grad
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
 
     @staticmethod
     def logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upcast: bool) -> torch.Tensor:
         """float32 logits [n, V] of one chunk: accumulated in float32 with ``upcast`` (model.head_dtype)."""
         z = _head_mm(h, weight.t()) if upcast else (h @ weight.t()).float()
-        return z if bias is None else z + bias.float()
+        return z if bias is None else z.add_(bias)
+
+    @staticmethod
+    def scaled_logits(h, weight, bias, temperature, upcast: bool) -> torch.Tensor:
+        """u = z / T [n, V] in float32, one new buffer (the matmul's output, then in place)."""
+        return _TokenScores.logits(h, weight, bias, upcast).div_(temperature[:, None])
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, tokens, temperature, lse, mean_u = ctx.saved_tensors
         chunk, upcast = ctx.chunk, ctx.upcast
+        with_ent = ctx.entropy_grad and g_ent is not None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (g_lp is None and not with_ent) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None, None
+        N = hidden.shape[0]
+        if g_lp is None:
+            g_lp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s: s + chunk], temperature[s: s + chunk, None]
-            u = _TokenScores.logits(h, weight, bias, upcast) / t
-            p = torch.exp(u - lse[s: s + chunk, None])
-            g = -p * (g_lp[s: s + chunk, None] + g_ent[s: s + chunk, None] * (u - mean_u[s: s + chunk, None]))
-            g.scatter_add_(1, tokens[s: s + chunk, None], g_lp[s: s + chunk, None])
-            g = g / t  # d / d z
-            gm = g.to(weight.dtype)
-            if need_h:
-                grad_h[s: s + chunk] = (_head_mm(gm, weight) if upcast else gm @ weight).to(h.dtype)
-            if need_w:
-                grad_w += _head_mm(gm.t().contiguous(), h) if upcast else (gm.t() @ h).float()
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            h, t = hidden[s:e], temperature[s:e]
+            a = (g_lp[s:e].float() / t)[:, None]  # upstream d/d lp, times d u / d z = 1 / T
+            g = _TokenScores.scaled_logits(h, weight, bias, t, upcast)  # u
+            if with_ent:
+                p = torch.sub(g, lse[s:e, None]).exp_()
+                b = (g_ent[s:e].float() / t)[:, None]
+                # d L / d z_v = ([v = x] - p_v) a - p_v (u_v - E[u]) b = -p_v (a + b (u_v - E[u])) + [v = x] a
+                g.sub_(mean_u[s:e, None]).mul_(b).add_(a).mul_(p).neg_()
+                del p
+            else:
+                g.sub_(lse[s:e, None]).exp_().mul_(-a)  # u -> p -> -p a, in place
+            g.scatter_add_(1, tokens[s:e, None], a)
             if need_b:
-                grad_b += g.sum(0)
+                grad_b.add_(g.sum(0))
+            if weight.dtype != torch.float32:
+                g = g.to(weight.dtype)  # the float32 gradient is freed here: half a buffer for bf16
+            if need_h:
+                if upcast or g.dtype == torch.float32:
+                    grad_h[s:e] = _head_mm(g, weight)  # copied into the hidden dtype
+                else:
+                    grad_h[s:e] = g @ weight
+            if need_w:
+                _head_addmm_(grad_w, g.t(), h, upcast)  # grad_w += g^T h
+            del g
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
 def token_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
-                 temperature: torch.Tensor, *, chunk_tokens: int = 2048, upcast: bool = True):
+                 temperature: torch.Tensor, *, chunk_tokens: int = 2048, upcast: bool = True,
+                 entropy_grad: bool = True):
     """Full-vocabulary (log-probs [N], entropies [N]) of tokens [N] at hidden states [N, H] under the head
     (weight [V, H], bias [V]) at per-position temperatures [N], at most ``chunk_tokens`` x V logits alive
-    at a time, forward and backward. ``upcast``: logits accumulated in float32 whatever the model dtype."""
+    at a time, forward and backward. ``upcast``: logits accumulated in float32 whatever the model dtype.
+    ``entropy_grad=False``: the entropies are a metric (non-differentiable), so the backward skips their
+    gradient's vocabulary-sized work."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _TokenScores.apply(hidden, weight, bias, tokens, temperature.float(), int(chunk_tokens), bool(upcast))
+    return _TokenScores.apply(hidden, weight, bias, tokens, temperature.float(), int(chunk_tokens), bool(upcast),
+                              bool(entropy_grad))
 
 
 def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor):
@@ -130,7 +210,8 @@ def position_logprobs_lean(
     disc = (~is_soft).nonzero().flatten()
     soft = is_soft.nonzero().flatten()
     if disc.numel():
-        lp, _ = token_scores(hidden[disc], weight, bias, tokens[disc], temperature[disc], chunk_tokens=chunk_tokens)
+        lp, _ = token_scores(hidden[disc], weight, bias, tokens[disc], temperature[disc], chunk_tokens=chunk_tokens,
+                             entropy_grad=False)
         out = out.index_put((disc,), lp)
     if soft.numel():
         z = gathered_logits(hidden[soft], weight, bias, topk_ids[soft]).float() / temperature[soft, None]

@@ -158,7 +158,11 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, norm_length: int |
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float = 10.0):
     """Per-token KL(pi || ref) estimators with d = ref_logp - logp:
-    k1 = -d;  k2 = d^2 / 2;  k3 = exp(d) - d - 1 (low variance, >= 0), clamped to [-clamp, clamp]."""
+    k1 = -d;  k2 = d^2 / 2;  k3 = exp(d) - d - 1 (low variance, >= 0), clamped to [-clamp, clamp].
+    k3 is computed as expm1(d) - d: exp(d) - 1 - d loses every digit to cancellation for |d| near float32's
+    epsilon and can come out negative (-1e-9 where policy and reference nearly agree); expm1 keeps it >= 0 up to
+    one rounding, and the lower clamp at 0 removes that (the official code's exp(d) - d - 1 differs from it only
+    by rounding)."""
     d = ref_logp.float() - logp.float()
     if kind == "k1":
         return -d
@@ -166,7 +170,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", cla
         return 0.5 * d * d
     if kind in ("k3", "low_var_kl"):
         d = d.clamp(-20.0, 20.0)
-        return (torch.exp(d) - d - 1.0).clamp(-clamp, clamp)
+        return (torch.expm1(d) - d).clamp(0.0, clamp)
     raise ValueError(f"unknown KL estimator {kind!r}; known: k1, k2, k3")
 
 

@@ -29,6 +29,10 @@ _ENV = {
     "DS_ACCELERATOR": "cpu",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
+    # engines whose rollout.engine_step is "auto" run eagerly here: a cold compile of the step takes 25-90 s per
+    # graph on 2 cores; the compiled production path has tests of its own (tests/test_engine_step.py,
+    # tests/test_vllm_soft.py), which ask for it explicitly
+    "SOFT_RL_ENGINE_STEP": "eager",
     "TRANSFORMERS_OFFLINE": "1",
 }
 for _k, _v in _ENV.items():

@@ -4,8 +4,9 @@ a GPU (``RolloutWorker._start_engine``, ``LearnerWorker.init``), which record wh
 
     python tests/gpu_layout_check.py '<json list of scenarios>'   -> one JSON line per scenario
 
-A scenario is a list of config overrides. Run by tests/test_gpu_proxies.py in its own process (its
-own Ray cluster, separate from the test session's CPU-only one).
+A scenario is a list of config overrides, or ``["eval", <num_engines>, <tensor_parallel_size>]``: the engines of
+``soft-rl eval --backend vllm`` (``workers.eval``) instead of a training run's. Run by tests/test_gpu_proxies.py in
+its own process (its own Ray cluster, separate from the test session's CPU-only one).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,11 @@ class RecordingEngine:
     _closed = False
 
     def __init__(self, model_dir: str, engine_kwargs: dict):
-        self.record = {"model_dir": model_dir, "engine_kwargs": engine_kwargs, **_seen()}
+        import dataclasses
+
+        kw = dict(engine_kwargs)
+        kw["prepare_params"] = [dataclasses.asdict(p) for p in kw.get("prepare_params", [])]
+        self.record = {"model_dir": model_dir, "engine_kwargs": kw, **_seen()}
 
     def stats(self) -> dict:
         return {"standin": self.record}
@@ -73,6 +79,31 @@ class LearnerStandIn(LearnerWorker):
         pass
 
 
+def _eval_scenario(model: Path, num_engines: int, tp: int) -> dict:
+    """The engines ``soft-rl eval --backend vllm`` starts (``workers.eval._VLLMGenerator``), as recorded."""
+    import ray
+
+    from soft_rl.evaluation import EvalSettings
+    from workers.eval import EvalRun, _VLLMGenerator
+
+    run = EvalRun(model=str(model), data=[], settings=EvalSettings(n=1, max_new_tokens=8), num_engines=num_engines,
+                  tensor_parallel_size=tp)
+    gen = _VLLMGenerator(run, tokenizer=None, max_new_tokens=8, max_model_len=None)
+    try:
+        engines = [h["standin"] for h in gen.pool.health()]
+        bundles = gen.layout.group.bundle_specs if gen.layout.group is not None else None
+        free = ray.available_resources().get("GPU", 0.0)
+    finally:
+        gen.close()
+    import time
+
+    deadline = time.monotonic() + 30  # Ray returns the released GPUs asynchronously
+    while ray.available_resources().get("GPU", 0.0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {"overrides": ["eval", num_engines, tp], "engines": engines, "bundles": bundles,
+            "gpus_free_while_running": free, "gpus_free_after": ray.available_resources().get("GPU", 0.0)}
+
+
 def main(scenarios: list[list[str]]) -> None:
     import ray
 
@@ -84,10 +115,16 @@ def main(scenarios: list[list[str]]) -> None:
     workers.rollout.RolloutWorker = EngineStandIn
     workers.learner.LearnerWorker = LearnerStandIn
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    model = Path(tempfile.mkdtemp(prefix="gpu_layout_")) / "model"  # only its config.json is read (vocabulary)
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 1000}))
     ray.init(num_cpus=16, num_gpus=4, include_dashboard=False, log_to_driver=False)
     try:
         for overrides in scenarios:
-            cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["model.path=/models/none", "trainer.device=gpu",
+            if overrides[0] == "eval":
+                print(json.dumps(_eval_scenario(model, *overrides[1:])), flush=True)
+                continue
+            cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"model.path={model}", "trainer.device=gpu",
                                                                     *overrides])
             actors = start_actors(cfg, "gpu")
             try:

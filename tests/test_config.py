@@ -97,3 +97,16 @@ def test_missing_model_path_and_unknown_yaml_key(tmp_path):
     bad.write_text("model:\n  path: /m\ntrainer:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match="trainer.stepz"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("preset,shape", [("softgrpo_r1_distill_qwen_1p5b", "r1-distill-qwen-1.5b"),
+                                          ("grpo_r1_distill_qwen_1p5b", "r1-distill-qwen-1.5b"),
+                                          ("softgrpo_r1_distill_qwen_7b", "r1-distill-qwen-7b")])
+def test_gpu_presets_recompute_activations_and_fit_an_80gb_gpu(preset, shape):
+    """The paper presets run on 8 x 80 GB GPUs: activation recomputation on, and the memory plan
+    (soft_rl/memory_plan.py, the model's shape from configs/shapes/) finds no GPU that overflows."""
+    from soft_rl.memory_plan import check_plan
+
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [f"model.path={ROOT / 'configs' / 'shapes' / shape}"])
+    assert cfg.learner.gradient_checkpointing and cfg.learner.logit_chunk_tokens <= 1024
+    assert check_plan(cfg, 80 * 2**30) is None

@@ -8,6 +8,10 @@
   traces ``.item()`` into a symbolic scalar rather than breaking the graph, so the same steps also run
   on the meta device, where any host read of a device value raises.
 * The engine switches vLLM's Model Runner V2 off itself (the soft hooks live in the V1 runner).
+
+The production wrapper of the step (``soft_rl.engine_step.EngineStep``: compiled per hints key with a dynamic
+row count, or captured in CUDA graphs per row bucket) is tested in tests/test_engine_step.py and, on a GPU,
+tests/gpu/test_engine_step_cuda_graph.py.
 """
 
 from __future__ import annotations
@@ -180,9 +184,10 @@ def test_gpu_actor_layout_on_logical_gpus():
     import sys
     from pathlib import Path
 
-    scenarios = {"tp1": ["rollout.num_engines=2", "rollout.tensor_parallel_size=1"],
+    scenarios = {"tp1": ["rollout.num_engines=2", "rollout.tensor_parallel_size=1", "rollout.engine_step=cuda_graph"],
                  "tp2": ["rollout.num_engines=1", "rollout.tensor_parallel_size=2"],
-                 "colocated": ["rollout.num_engines=2", "trainer.colocate=true", "learner.sync_transport=object_store"]}
+                 "colocated": ["rollout.num_engines=2", "trainer.colocate=true", "learner.sync_transport=object_store"],
+                 "eval": ["eval", 3, 1], "eval_tp2": ["eval", 1, 2]}
     script = Path(__file__).with_name("gpu_layout_check.py")
     # a GPU user's shell: without the vLLM-on-CPU settings this test session exports (they are forwarded)
     env = {k: v for k, v in os.environ.items() if not (k.startswith("VLLM_CPU_") or k == "VLLM_HOST_IP")}
@@ -192,6 +197,18 @@ def test_gpu_actor_layout_on_logical_gpus():
     runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(runs) == len(scenarios), proc.stdout[-2000:]
     for (name, _), run in zip(scenarios.items(), runs, strict=True):
+        if name.startswith("eval"):  # soft-rl eval: engines placed like a run's, each on its own GPU(s)
+            tp = 2 if name == "eval_tp2" else 1
+            gpus = [g for e in run["engines"] for g in e["gpu_ids"]]
+            assert len(gpus) == len(set(gpus)) == (3 if tp == 1 else 2), run
+            for e in run["engines"]:
+                assert e["cuda_visible_devices"] == ",".join(e["gpu_ids"]) and len(e["gpu_ids"]) == tp, e
+                assert not [k for k in e["env"] if k.startswith("VLLM_CPU_") or k == "VLLM_HOST_IP"], e["env"]
+                assert e["engine_kwargs"]["enforce_eager"] is False
+                assert e["engine_kwargs"].get("distributed_executor_backend") == ("mp" if tp > 1 else None)
+            assert run["bundles"] == [{"CPU": 1.0, "GPU": float(tp)}] * len(run["engines"])
+            assert run["gpus_free_while_running"] == 4 - len(gpus) and run["gpus_free_after"] == 4
+            continue
         engines, learners = run["engines"], run["learners"]
         tp = 2 if name == "tp2" else 1
         assert len(engines) == (1 if name == "tp2" else 2) and len(learners) == 2, name
@@ -201,6 +218,12 @@ def test_gpu_actor_layout_on_logical_gpus():
             assert kw["tensor_parallel_size"] == tp and kw["hf_overrides"] == {"head_dtype": "float32"}
             assert kw.get("distributed_executor_backend") == ("mp" if tp > 1 else None), (name, kw)
             assert kw.get("enable_sleep_mode", False) == (name == "colocated") and kw["enforce_eager"] is False
+            # a step's share of requests (16 prompts x 8 samples over the engines), the run's widest candidate set
+            # (soft steps K = 5; discrete answer steps top-k 5), the configured engine step, and the run's
+            # training and eval sampling settings to compile (capture) at start-up
+            assert kw["max_num_seqs"] == 128 // len(engines) and kw["max_candidates"] == 5, (name, kw)
+            assert kw["engine_step"] == ("cuda_graph" if name == "tp1" else "eager"), (name, kw)
+            assert [p["k"] for p in kw["prepare_params"]] == [5, 5] and kw["prepare_params"][0]["soft"], (name, kw)
             # kept out of the KV cache for the sync: 2 buckets of 256 MB (+ NCCL's buffers for a broadcast)
             assert kw["sync_reserve_mb"] == (512 if name == "colocated" else 512 + 256), (name, kw)
             assert e["env"]["VLLM_USE_V2_MODEL_RUNNER"] == "0"

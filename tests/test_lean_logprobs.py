@@ -148,3 +148,113 @@ def test_token_scores_upcast_accumulates_bfloat16_weights_in_float32():
     rounded, _ = token_scores(hb, wb, None, x, T, chunk_tokens=7, upcast=False)
     torch.testing.assert_close(up, want, atol=1e-5, rtol=1e-6)
     assert (rounded - want).abs().max() > 1e-3
+
+
+U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def _float64_head(h, W, b, x, T):
+    """Reference (log-probs, entropies) of one plain full-vocabulary log_softmax in float64."""
+    logp = torch.log_softmax((h @ W.T + b) / T[:, None], -1)
+    return logp.gather(1, x[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+
+def _float32_error_bounds(h, W, b, x, T, up_lp, up_ent):
+    """First-order worst-case errors of the float32 head against exact arithmetic, from float64 inputs and
+    upstream gradients: a float32 sum of L terms errs by at most L u times the sum of the terms' magnitudes
+    (Higham's gamma_L), each other operation by u relative.
+
+    logits: u = (h . w + b) / T sums H + 1 terms, so |du| <= (H + 3) u (|h| |w| + |b|) / T =: e_u (per position,
+    its worst vocabulary entry). log-prob y_x - log Z and entropy log Z - E[y] (y = u - max u, Z = sum exp y):
+    the logits' error at most twice (the token's and the normaliser's), plus the V-term sums' gamma_V relative
+    to their magnitudes (1 + max |y|). The softmax p = exp(y) / Z then errs relatively by e_p = 2 e_u + gamma_V
+    (1 + max |y|), and so does each p-term of d L / d u_v = a ([v = x] - p_v) - b p_v (u_v - E[u]) (a, b: the
+    upstream gradients / T); the weight, hidden and bias gradients sum N, V and N such terms times |h|, |W|, 1."""
+    N, H = h.shape
+    V = W.shape[0]
+    u = (h @ W.T + b) / T[:, None]
+    e_u = (H + 3) * U32 * ((h.abs() @ W.abs().T + b.abs()) / T[:, None]).max(-1).values  # [N]
+    y_mag = 1 + (u - u.max(-1, keepdim=True).values).abs().max(-1).values  # [N]
+    e_lp = 2 * e_u + (V + 4) * U32 * y_mag
+    e_p = (2 * e_u + (V + 8) * U32 * y_mag)[:, None]
+    p = torch.softmax(u, -1)
+    a, c = (up_lp.abs() / T)[:, None], (up_ent.abs() / T)[:, None]
+    p_terms = a * p + c * p * (u - (p * u).sum(-1, keepdim=True)).abs()  # the terms carrying p's error
+    g_mag = p_terms + torch.zeros_like(p).scatter_(1, x[:, None], a)
+    g_err = e_p * p_terms + 4 * U32 * g_mag  # per element of d L / d z
+    return {"logprob": e_lp.max(), "entropy": (e_lp * y_mag).max(),
+            "d h": (g_err @ W.abs() + (V + 1) * U32 * (g_mag @ W.abs())).max(),
+            "d W": (g_err.T @ h.abs() + (N + 1) * U32 * (g_mag.T @ h.abs())).max(),
+            "d b": (g_err.sum(0) + (N + 1) * U32 * g_mag.sum(0)).max()}
+
+
+@pytest.mark.parametrize("entropy_in_loss", [True, False], ids=["entropy-gradient", "entropy-metric"])
+@pytest.mark.parametrize("chunk", [5, 37, 1000])
+def test_token_scores_gradients_equal_a_float64_full_softmax_with_and_without_the_entropy_term(entropy_in_loss, chunk):
+    """Values and gradients of token_scores (float32, chunked, recomputing backward) equal plain autograd through a
+    full-vocabulary float64 log_softmax, within the float32 error bound of ``_float32_error_bounds``; with the
+    entropy as a metric only (``entropy_grad=False``: the learner's setting when learner.entropy_coef == 0) the
+    entropy values are still exact, the entropy output carries no graph, and the gradients are those of the
+    log-prob term alone. The bound is tight enough to fail: leaving the entropy term out of a loss that uses it
+    is caught."""
+    from soft_rl.lean_logprobs import token_scores
+
+    h, W, b, x, T, up = _head_problem(N=37, H=16, V=101)
+    up_lp, up_ent = up[0].double(), up[1].double() if entropy_in_loss else torch.zeros(37, dtype=torch.float64)
+
+    def run(chunked: bool, entropy_grad: bool = True):
+        hh, ww, bb = (t.clone().double().requires_grad_() for t in (h, W, b))
+        if chunked:
+            lp, ent = token_scores(hh.float(), ww.float(), bb.float(), x, T, chunk_tokens=chunk,
+                                   entropy_grad=entropy_grad)
+            assert ent.requires_grad == entropy_grad
+        else:
+            lp, ent = _float64_head(hh, ww, bb, x, T.double())
+        loss = (up_lp * lp).sum()
+        if entropy_grad:
+            loss = loss + (up_ent * ent).sum()
+        loss.backward()
+        return {"logprob": lp, "entropy": ent, "d h": hh.grad, "d W": ww.grad, "d b": bb.grad}
+
+    want = run(False)
+    bounds = _float32_error_bounds(h.double(), W.double(), b.double(), x, T.double(), up_lp, up_ent)
+    for entropy_grad in ([True, False] if not entropy_in_loss else [True]):
+        got = run(True, entropy_grad)
+        for name, w in want.items():
+            err = (got[name].detach().double() - w.detach()).abs().max().item()
+            assert err <= bounds[name].item(), (name, err, bounds[name].item())
+    if entropy_in_loss:  # the control: dropping the entropy's gradient misses far more than the bound
+        got = run(True, entropy_grad=False)
+        got_loss_ent = (up_ent * got["entropy"]).sum()
+        assert not got_loss_ent.requires_grad
+        assert (got["d W"].double() - want["d W"]).abs().max() > 100 * bounds["d W"]
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["entropy-metric", "entropy-gradient"])
+def test_token_scores_backward_peak_memory_stays_within_its_chunk_bound(entropy_grad):
+    """The backward's peak live bytes (soft_rl.memory_meter counts every storage it allocates, autograd's
+    included) stay within the bound the design gives, float32 weights:
+
+        k x chunk x V x 4   (k = 1 without the entropy's gradient: u -> p -> gradient in place; k = 2 with it:
+                             u and p; the old code held about 6, e.g. u, p, u - E[u], products, g / T, g^T)
+      + 4 x (V x H + N x H) (the weight gradient, accumulated in place, and the hidden gradient)
+      + 4 x 2V + 4 KiB      (the bias gradient and one [V] column sum; [chunk] row vectors)
+
+    and the forward's within 2 x chunk x V x 4 + 4 KiB (u, exp(u - max))."""
+    from soft_rl.lean_logprobs import token_scores
+    from soft_rl.memory_meter import MemoryMeter
+
+    N, H, V, chunk = 96, 32, 4099, 32
+    h, W, b, x, T, _ = _head_problem(N=N, H=H, V=V)
+    h, W, b = (t.requires_grad_() for t in (h, W, b))
+    with MemoryMeter() as forward:
+        lp, ent = token_scores(h, W, b, x, T, chunk_tokens=chunk, entropy_grad=entropy_grad)
+        loss = lp.sum() + (ent.sum() if entropy_grad else 0.0)
+    with MemoryMeter() as backward:
+        loss.backward()
+    buffer = chunk * V * 4
+    assert forward.peak <= 2 * buffer + 4096, forward.peak / buffer
+    bound = (2 if entropy_grad else 1) * buffer + 4 * (V * H + N * H) + 4 * 2 * V + 4096
+    assert backward.peak <= bound, (backward.peak, bound)
+    # the bound is not vacuous: the gradients themselves are most of what remains
+    assert backward.peak >= 4 * (V * H + N * H) + (2 if entropy_grad else 1) * buffer * 0.9

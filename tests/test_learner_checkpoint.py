@@ -100,3 +100,48 @@ def test_hf_export_loads_in_transformers_and_vllm(ray_cluster, setup, tiny_dir, 
     for a, b in zip(got, ref, strict=True):
         assert a.tokens.tolist() == b.tokens.tolist()
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
+def test_zero3_export_of_two_ranks_is_sharded_bf16_and_loads_in_transformers(ray_cluster, setup, tiny_dir,
+                                                                             tiny_tokenizer):
+    """ZeRO-3 at world size 2 (the presets' stage; before, rank 0 alone built a model inside zero.Init's
+    collectives and the export hung until the group timeout): a bf16 run with tied input/output embeddings
+    exports several safetensors shards plus their index, a bf16 config, the generation config and the
+    tokenizer; transformers loads it with the learners' gathered weights, bit for bit, tied as before."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from soft_rl.tiny import build_model
+    from workers.learner import LearnerGroup
+
+    root, trajs, adv, _ = setup
+    path = root / "tied"
+    build_model(path, tiny_tokenizer, arch="qwen2", seed=6, tie_embeddings=True, **ARCH)
+    cfg = LearnerConfig(world_size=2, zero_stage=3, lr=1e-3, mini_batches=2, kl_coef=0.0, micro_batch_tokens=48,
+                        sync_timeout_s=120)
+    g = LearnerGroup(str(path), cfg, dtype="bfloat16")
+    try:
+        rl_step(g, trajs, adv, cfg.mini_batches)
+        learner_state = g.full_state_dict()
+        out = g.export_hf(str(root / "export3"), str(tiny_dir / "tokenizer"), max_shard_bytes=100_000)
+    finally:
+        g.shutdown()
+    files = sorted(os.listdir(out))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files and "generation_config.json" in files
+    index = json.loads((root / "export3" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert "lm_head.weight" not in index["weight_map"]  # tied: written once, as save_pretrained does
+    config = json.loads((root / "export3" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.dtype == torch.bfloat16
+    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    initial = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    assert {n for n, _ in hf.named_parameters()} == learner_state.keys()
+    moved = 0.0
+    for (name, p), (_, p0) in zip(hf.named_parameters(), initial.named_parameters(), strict=True):
+        assert torch.equal(p.detach().float(), learner_state[name]), name  # bf16 values, exact in float32
+        moved = max(moved, (p.detach().float() - p0.detach()).abs().max().item())
+    assert moved > 1e-3  # the export holds the trained weights, not the checkpoint it started from

@@ -93,6 +93,14 @@ def test_kl_estimators():
     torch.testing.assert_close(kl_penalty(lp, ref, "k3"), torch.exp(d) - d - 1)
     assert kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "k3").item() == 10.0  # clamped
     assert torch.all(kl_penalty(torch.randn(100), torch.randn(100), "k3") >= 0)
+    # nearly equal log-probs: exp(d) - d - 1 cancels to rounding noise of either sign in float32; k3 stays >= 0
+    # and close to d^2 / 2 (relative error of expm1's one rounding over d^2 / 2, ~ eps / d)
+    base = torch.linspace(-8.0, -0.1, 1000)
+    near = base + torch.linspace(-3e-5, 3e-5, 1000)
+    k3 = kl_penalty(near, base, "k3")
+    d = base.double() - near.float().double()
+    assert torch.all(k3 >= 0)
+    assert torch.allclose(k3.double(), torch.expm1(d) - d, rtol=0, atol=2 * 1.2e-7 * 3e-5)  # ~ 2 eps |d|
 
 
 def test_ppo_loss_with_kl_and_entropy_terms():

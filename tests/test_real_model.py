@@ -230,9 +230,10 @@ def test_learners_score_like_hf_and_update_like_one_process(ray_cluster, smol, s
 def test_two_step_train_syncs_and_its_export_reloads_equal(ray_cluster, smol, smol_engine, tmp_path):
     """`soft-rl train` with configs/smollm2_cpu.yaml on GSM8K problems: two steps, the step-2 rollout
     (after a weight sync of updated weights) scores like the learners at discrete and soft positions,
-    and the exported HF directory reloads in transformers and in the engine with equal outputs. The
-    reward is a stand-in that varies within groups (the 135M model rarely solves GSM8K in 96 tokens:
-    all-zero groups would leave the weights unchanged)."""
+    and the exported HF directory reloads in transformers and in the engine with equal outputs. The weights
+    change at every step by construction: an entropy bonus has a gradient whatever the rewards (the 135M
+    model rarely solves GSM8K in 96 tokens, and a stand-in reward by response length did not vary within
+    any group on a processor where every response hit the token cap: all-equal groups carry no GRPO signal)."""
     from transformers import AutoModelForCausalLM
 
     from soft_rl.config import load_config
@@ -243,7 +244,7 @@ def test_two_step_train_syncs_and_its_export_reloads_equal(ray_cluster, smol, sm
     run = tmp_path / "run"
     cfg = load_config(ROOT / "configs" / "smollm2_cpu.yaml",
                       [f"model.path={out}", f"trainer.out_dir={run}", "trainer.export_final=true",
-                       "reward.name=tests.reward_helpers:length_parity",  # varies within groups: an update
+                       "reward.name=tests.reward_helpers:length_parity", "learner.entropy_coef=0.01",
                        f"data.train_files=[{ROOT / 'data' / 'benchmarks' / 'gsm8k.json'}]"])
     history = train(cfg, log=print)
     steps = [h for h in history if "reward/mean" in h]

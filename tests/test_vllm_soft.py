@@ -8,6 +8,10 @@ trajectory's own measured float32 sensitivity, so no tolerance depends on one pr
   requests in a mixed batch, and (last, it changes the weights) update_weights.
 * Llama: a tiny KV cache (12 blocks of 32 tokens) so that a batch of long requests is preempted and
   re-prefilled (recompute); reference equality must still hold.
+* A second Qwen2 engine runs the production CPU default, the compiled engine step (``engine_step="compiled"``,
+  soft_rl/engine_step.py), right-sized (``max_candidates``); reference equality must hold there too. The other
+  engines run the step eagerly (each compile costs tens of seconds on 2 cores; tests/test_engine_step.py
+  compares compiled and eager steps directly).
 
 The models use head_dim 64: vLLM's CPU attention has no kernel for head_dim 16 (conftest's tiny models).
 """
@@ -28,7 +32,10 @@ from soft_rl.sampling import SoftSamplingParams
 MAX_K = 8
 STEPS = 64
 ENGINE_KW = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_k=MAX_K, max_new_tokens=STEPS,
-                 seed=0)
+                 seed=0, engine_step="eager")
+# the compiled engine: its store (16 + 1 slots x 64 x 8, marker width 8, 512 tokens) and its batch's hints key
+# (compiled_params) are tests/test_engine_step.py's, so its inductor graph is a cache hit after that module's
+COMPILED_KW = {**ENGINE_KW, "engine_step": "compiled", "max_num_seqs": 16, "max_candidates": 32}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,17 @@ def llama_engine(models):
     from workers.vllm_soft import SoftEngine
 
     eng = SoftEngine(str(models["llama"][0]), block_size=32, num_gpu_blocks_override=12, max_num_seqs=16,
-                     sync_reserve_mb=3, **{**ENGINE_KW, "max_model_len": 128})
+                     sync_reserve_mb=3, prepare_params=[SoftSamplingParams(), SoftSamplingParams(seed=1)],
+                     **{**ENGINE_KW, "max_model_len": 128})
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(models):
+    from workers.vllm_soft import SoftEngine
+
+    eng = SoftEngine(str(models["qwen2"][0]), **COMPILED_KW)
     yield eng
     eng.shutdown()
 
@@ -91,11 +108,24 @@ def mixed_params(seed0=0):
     ]
 
 
-def reference(models, arch, prompts, params, steps=STEPS, model=None):
+def compiled_params(seed0=300):
+    """``mixed_params`` (every noise kind, discrete, budgets with both markers) with every top-k bounded: the
+    widest request needs 30 candidates (``candidates_needed``), within the compiled engine's max_candidates."""
+    out = []
+    for p in mixed_params(seed0):
+        bounded = {"top_k": 30} if p.top_k <= 0 else {}
+        if p.answer_top_k is not None and p.answer_top_k <= 0:
+            bounded["answer_top_k"] = None  # the thinking phase's (bounded) top-k
+        out.append(dataclasses.replace(p, **bounded))
+    return out
+
+
+def reference(models, arch, prompts, params, steps=STEPS, model=None, eos=True):
+    """The HF float32 reference; ``eos=False``: every request decodes ``steps`` tokens (the engine's ignore_eos)."""
     tok = models["tokenizer"]
     hf = model if model is not None else models[arch][1]
-    return generate(hf, prompts, params, max_new_tokens=steps, eos_token_ids=[tok.eos_token_id], tokenizer=tok,
-                    width=MAX_K)
+    return generate(hf, prompts, params, max_new_tokens=steps, eos_token_ids=[tok.eos_token_id] if eos else [],
+                    tokenizer=tok, width=MAX_K)
 
 
 def value_diffs(a, b):
@@ -210,7 +240,7 @@ class ExactReference:
         return ExactReference(*([getattr(self, f)[i] for i in idx] for f in ("trajs", "scale", "cut", "hf32")))
 
 
-def exact_reference(models, arch, prompts, params, steps=STEPS, model=None):
+def exact_reference(models, arch, prompts, params, steps=STEPS, model=None, eos=True):
     """The float64 reference of a batch and its per-request error scale (see ``assert_same``).
 
     One batched float64 run holds, as blocks of the batch: the exact trajectories; PERTURB_RUNS perturbed
@@ -221,13 +251,14 @@ def exact_reference(models, arch, prompts, params, steps=STEPS, model=None):
     fifth of a batch may be cut so.
     """
     hf = model if model is not None else models[arch][1]
-    hf32 = reference(models, arch, prompts, params, steps, model=hf)
+    hf32 = reference(models, arch, prompts, params, steps, model=hf, eos=eos)
     m64 = float64_copy(hf)
     blocks = ([(0, 0.0)] + [(1 + r, PERTURB_C) for r in range(PERTURB_RUNS)]
               + [(1 + PERTURB_RUNS + j, sign * M_BOUND * PERTURB_C) for j in range(PROBE_PAIRS) for sign in (1, -1)])
     n = len(prompts)
     with perturbed_matmuls(m64, blocks, n):
-        out = reference(models, arch, list(prompts) * len(blocks), list(params) * len(blocks), steps, model=m64)
+        out = reference(models, arch, list(prompts) * len(blocks), list(params) * len(blocks), steps, model=m64,
+                        eos=eos)
     runs = [out[b * n: (b + 1) * n] for b in range(len(blocks))]
     exact, scale, cuts = runs[0], [], []
     for i, t in enumerate(exact):
@@ -339,12 +370,50 @@ def test_matches_hf_reference(request, models, arch):
           + " ".join(f"{v:.1e}" for v, _ in ref.scale))
 
 
-def test_soft_state_and_sampler_peak_are_reserved_before_the_kv_cache(llama_engine):
-    """The engine ran the sampler's worst case for all max_num_seqs rows while vLLM measured memory for
-    its KV cache (audit item 6), and raised the measured peak by the weight sync's reserve (item 12); the
-    outputs of the other tests here show it left no trace."""
+def test_soft_state_and_sampler_peak_are_reserved_before_the_kv_cache(models, llama_engine):
+    """The engine ran the sampler's worst case for all max_num_seqs rows (at the whole vocabulary: no
+    max_candidates) while vLLM measured memory for its KV cache (audit item 6), and covered the weight sync's
+    reserve (item 12); the outputs of the other tests here show it left no trace. Its prepare_params reached
+    the engine step (one hints key: the two settings differ only in their seed)."""
     stats = llama_engine.stats()
     assert stats["profiled_rows"] == 16 and stats["reserved_mb"] == 3
+    assert stats["profiled_candidates"] == len(models["tokenizer"]) == llama_engine.vocab_size
+    assert stats["engine_step_mode"] == "eager" and stats["engine_step_prepared"] == 1
+    assert stats["engine_step_compiles"] == 0
+
+
+def test_compiled_engine_is_right_sized_and_refuses_wider_requests(models, compiled_engine):
+    """``max_candidates``: the memory profiling ran max_num_seqs rows at that width, and a request needing
+    more is refused before it reaches the engine (naming its top_k / answer_top_k and the limit)."""
+    stats = compiled_engine.stats()
+    assert stats["profiled_rows"] == 16 and stats["profiled_candidates"] == 32
+    assert stats["engine_step_mode"] == "compiled" and stats["engine_step_compiles"] == 0
+    prompts = prompts_for(models["tokenizer"], 1)
+    with pytest.raises(ValueError, match=r"answer_top_k=-1 \(the whole vocabulary, 512\).*max_candidates=32"):
+        compiled_engine.generate(prompts, [SoftSamplingParams(answer_top_k=-1)], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"needs 40 sampling candidates \(top_k=40.*max_candidates=32"):
+        compiled_engine.generate(prompts, [SoftSamplingParams(top_k=40, soft=False)], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_candidates=4 is below max_k=8"):
+        from workers.vllm_soft import SoftEngine
+
+        SoftEngine("unused", **{**COMPILED_KW, "max_candidates": 4})
+
+
+def test_compiled_engine_matches_hf_reference(models, compiled_engine):
+    """The production CPU path (the engine step under torch.compile, inductor) against the float64 reference,
+    as ``test_matches_hf_reference`` holds the eager engine. Every request decodes STEPS tokens (EOS
+    ignored), so the batch, and its hints key, stay the same: one compile for the whole run."""
+    tok = models["tokenizer"]
+    params = compiled_params()
+    prompts = prompts_for(tok, len(params))
+    got = compiled_engine.generate(prompts, params, max_new_tokens=STEPS, ignore_eos=True)
+    assert all(t.num_tokens == STEPS for t in got)
+    ref = exact_reference(models, "qwen2", prompts, params, eos=False)
+    assert_same(ref.hf32, ref, "qwen2 HF float32")
+    assert_same(got, ref, "qwen2 vLLM, compiled engine step")
+    check_phase_switches(got, tok)
+    stats = compiled_engine.stats()
+    assert stats["engine_step_compiles"] == 1 and stats["sampled_rows"] == len(params) * STEPS, stats
 
 
 def test_preemption_keeps_soft_trajectories(models, llama_engine):

@@ -4,7 +4,9 @@
   two ranks must sample identically);
 * both worker processes join a broadcast weight-sync group (ranks 1 and 2; this test process is
   rank 0, standing in for learner rank 0), receive new weights bucket by bucket, and then generate
-  exactly what HF generates with those weights.
+  exactly what HF generates with those weights;
+* the object-store path streams the weights to both worker processes through a spool of bucket files
+  (at most two on disk at a time), with the same result.
 """
 
 from __future__ import annotations
@@ -54,16 +56,22 @@ def test_tp2_matches_hf_reference(tp_setup):
     assert_same(got, ref, "vLLM TP=2")
 
 
+def _perturbed(models, seed):
+    """A copy of the TP test model with every weight moved by 0.05 x N(0, 1) (a weight sync has something to
+    carry), and its parameters by name."""
+    new = copy.deepcopy(models["qwen2"][1])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return new, dict(new.named_parameters())
+
+
 def test_tp2_broadcast_weight_sync(tp_setup):
     from workers.weight_broadcast import open_group, pack, plan_buckets, send
 
     models, eng = tp_setup
-    new = copy.deepcopy(models["qwen2"][1])
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    state = dict(new.named_parameters())
+    new, state = _perturbed(models, seed=5)
     layout = plan_buckets([(n, tuple(p.shape), "float32") for n, p in state.items()], bucket_mb=0.05)
     assert len(layout) > 3
     port, errors = _free_port(), []
@@ -95,6 +103,31 @@ def test_tp2_broadcast_weight_sync(tp_setup):
     assert_same(got, ref, "synced weights, vLLM TP=2")
     old = reference(models, "qwen2", prompts, params)
     assert any(a.tokens.tolist() != b.tokens.tolist() for a, b in zip(got, old, strict=True))  # weights changed
+
+
+def test_tp2_spooled_weight_update(tp_setup):
+    """The object-store path of a TP=2 engine (every restart sync goes there): the stream reaches both worker
+    processes through bucket files in /dev/shm, at most two on disk at a time, none left behind; the engine then
+    generates exactly what HF generates with the sent weights."""
+    import glob
+
+    models, eng = tp_setup
+    new, state = _perturbed(models, seed=7)
+    nbytes = sum(p.numel() * p.element_size() for p in state.values())
+    before = set(glob.glob("/dev/shm/soft_rl_spool_*"))
+    assert eng.update_weights(iter(state.items()), spool_mb=0.05) == len(state)
+    stats = eng.spool_stats
+    assert stats["files"] > 5 and stats["tensors"] == len(state) and stats["bytes"] == nbytes, stats
+    assert stats["peak_files"] <= 2, stats  # the whole model is never on disk at once
+    assert stats["max_file_bytes"] * 4 < nbytes, stats
+    assert set(glob.glob("/dev/shm/soft_rl_spool_*")) == before  # the spool is gone
+    updated = {"tokenizer": models["tokenizer"], "qwen2": (models["qwen2"][0], new.eval())}
+    params = mixed_params(seed0=80)[:6]
+    prompts = prompts_for(models["tokenizer"], len(params))
+    got = eng.generate(prompts, params, max_new_tokens=STEPS)
+    ref = exact_reference(updated, "qwen2", prompts, params)
+    assert_same(ref.hf32, ref, "spooled weights, HF float32")
+    assert_same(got, ref, "spooled weights, vLLM TP=2")
 
 
 def test_tp2_worker_process_death_marks_the_engine_failed(tp_setup):

@@ -43,9 +43,11 @@ from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.faults import EXIT_PREEMPTED, FaultLog, Preempted, Preemption
 from soft_rl.losses import compute_advantages
 from soft_rl.lr_schedule import learning_rate
+from soft_rl.memory_plan import candidate_width, plan_for_config, sync_reserve_mb
 from soft_rl.replay import StepBatch, StepBatchStore
-from soft_rl.sync_probe import LogprobGaps, default_tolerances
+from soft_rl.sync_probe import LogprobGaps, ParityPolicy
 from workers.calls import is_actor_loss
+from workers.residency import EngineResidency
 from workers.rollout import RolloutRequest
 from workers.weight_sync import BroadcastChannel, WeightSyncError, sync_weights
 
@@ -134,6 +136,8 @@ def _train(cfg: Config, tok, data: RunData, out: Path, log, resume, progress: bo
 
     device = resolve_device(cfg.trainer.device)
     validate_device(cfg, device)
+    if device == "gpu":
+        check_memory_plan(cfg, log)
     preemption = Preemption(cfg.trainer.preempt_grace_s).install()  # from here on SIGTERM means: save and stop
     graceful = True
     try:
@@ -148,6 +152,41 @@ def _train(cfg: Config, tok, data: RunData, out: Path, log, resume, progress: bo
             actors.shutdown(graceful)
     finally:
         preemption.uninstall()
+
+
+class MemoryPlanError(ValueError):
+    """A GPU of the run would run out of memory (soft_rl/memory_plan.py); the message names the keys to change."""
+
+
+def gpu_memory_bytes(timeout_s: float = 120.0) -> int | None:
+    """Total memory of one of the cluster's GPUs (a one-GPU Ray task reads it), None if no GPU answers in time."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def total_memory() -> int:
+        return int(torch.cuda.get_device_properties(0).total_memory)
+
+    ref = total_memory.remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref, force=True)
+        return None
+    return ray.get(ref)
+
+
+def check_memory_plan(cfg: Config, log=print) -> None:
+    """``soft-rl plan`` before any actor starts: log the per-GPU memory plan, and stop with ``MemoryPlanError``
+    (naming the keys to change) when a GPU would overflow."""
+    gpu = gpu_memory_bytes()
+    if gpu is None:
+        log("[train] WARNING: no GPU answered within 120 s: the memory plan was not checked")
+        return
+    plan = plan_for_config(cfg, gpu)
+    (Path(cfg.trainer.out_dir) / "memory_plan.txt").write_text(plan.render() + "\n")
+    if msg := plan.overflow_message():
+        raise MemoryPlanError(f"{msg}\n(the whole plan: {Path(cfg.trainer.out_dir) / 'memory_plan.txt'}; "
+                              "`soft-rl plan --config ...` prints it without starting anything)")
+    log(f"[train] memory plan for {gpu / 2**30:.0f} GiB GPUs: fits ({Path(cfg.trainer.out_dir) / 'memory_plan.txt'})")
 
 
 @dataclass
@@ -174,13 +213,11 @@ class Actors:
                 self.layout.remove()
 
 
-NCCL_BUFFERS_MB = 256  # NCCL's own buffers for one broadcast communicator (channels x NCCL_BUFFSIZE, with margin)
-
-
-def sync_reserve_mb(lc) -> int:
-    """GPU memory an engine keeps out of its KV cache for weight syncs, which allocate after start-up:
-    a received bucket and the loader's copy of it, plus NCCL's buffers for the broadcast transport."""
-    return 2 * lc.sync_bucket_mb + (NCCL_BUFFERS_MB if lc.sync_transport == "broadcast" else 0)
+def run_max_candidates(cfg: Config) -> int:
+    """The widest candidate set any request of this run samples from (training and held-out evaluation): the
+    engine profiles its sampler at this width instead of the whole vocabulary and refuses wider requests."""
+    vocab = int(json.loads((Path(cfg.model.path) / "config.json").read_text())["vocab_size"])
+    return candidate_width(cfg, vocab)
 
 
 def start_actors(cfg: Config, device: str) -> Actors:
@@ -193,7 +230,12 @@ def start_actors(cfg: Config, device: str) -> Actors:
 
     r, lc = cfg.rollout, cfg.learner
     engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=device != "gpu", max_model_len=cfg.model.max_model_len,
-                     max_k=r.k, max_new_tokens=r.max_new_tokens, prefix_caching=r.prefix_caching)
+                     max_k=r.k, max_new_tokens=r.max_new_tokens, prefix_caching=r.prefix_caching,
+                     # what a step sends one engine: sizes vLLM's batch, the soft state and the profiled sampler
+                     max_num_seqs=r.engine_max_num_seqs(cfg.data.prompts_per_step),
+                     max_candidates=run_max_candidates(cfg), engine_step=r.engine_step,
+                     # the run's own steps are compiled (GPU: captured) at start-up, inside vLLM's memory profiling
+                     prepare_params=[r.sampling_params(0), r.eval_sampling_params(0)])
     if cfg.model.head_dtype == "float32":  # vLLM's documented setting for RL consistency (a no-op in float32)
         engine_kw["hf_overrides"] = {"head_dtype": "float32"}
     engine_env = {}
@@ -264,14 +306,18 @@ class TrainingRun:
         self._open_channel()
         # Parity check of every sync, at no extra cost: the learners rescore each rollout anyway (the old
         # log-probs), and an engine holding other weights than the learners shows up as a mean |engine -
-        # learner| log-prob difference far above rounding. It runs before the batch is used.
+        # learner| log-prob difference far above the run's own healthy level, calibrated on its first steps
+        # (soft_rl/sync_probe.py). It runs before the batch is used.
         lc = cfg.learner
-        self.probe_tol = default_tolerances(cfg.model.dtype, lc.sync_probe_tol, lc.sync_probe_tol_soft)
+        self.parity = ParityPolicy.for_run(cfg.model.dtype, lc.sync_probe_tol, lc.sync_probe_tol_soft,
+                                           lc.sync_probe_calibration_steps, lc.sync_probe_jump)
         self.batches = StepBatchStore(out / "replay")
         self.preemption = preemption
         self.faults = FaultLog(dict(cfg.trainer.max_restarts), log)
+        self.residency = EngineResidency(actors, enabled=self.sleep_engines)
         self.recovery = Recovery(actors, self.faults, preemption, make_learners=actors.make_learners,
                                  replay=self._replay, ckpt_root=self.ckpt_root, sync_one=self._sync_one,
+                                 sync_all=self.sync_engines, residency=self.residency,
                                  on_learners_replaced=self._open_channel, log=log)
         self.telemetry = Telemetry(out, progress_total=cfg.trainer.steps, progress=progress)
 
@@ -346,8 +392,7 @@ class TrainingRun:
                     for i, p in enumerate(problems) for j in range(r.n)]
         self.on_phase("rollout", step + 1, self.actors)
         trajs = self.recovery.generate(requests)
-        if self.sleep_engines:
-            self.actors.pool.sleep()
+        self.residency.sleep()  # colocated GPU engines hand the GPU to the learners (otherwise nothing)
         t_roll = time.perf_counter()
         self.on_phase("reward", step + 1, self.actors)
         texts = [response_text(self.tok, t.tokens.tolist()) for t in trajs]
@@ -403,20 +448,18 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ the phases
 
-    def learn(self, step: int, batch: StepBatch) -> Learned:
+    def learn(self, step: int, batch: StepBatch, check_parity: bool = True) -> Learned:
         """The learners' part of step ``step + 1``: old (and reference) log-probs, the parity probe, and the PPO
-        epochs over the mini-batches. A pure function of the learners' state and ``batch`` (so replayable)."""
+        epochs over the mini-batches. A pure function of the learners' state and ``batch`` (so replayable; a
+        replay skips the parity probe, which judged this batch when it first ran)."""
         lc, learners, trajs = self.cfg.learner, self.actors.learners, batch.trajs
         t0 = time.perf_counter()
         adv = compute_advantages(lc.advantage, batch.rewards, batch.group)
         old = learners.logprobs(trajs)
         ref = learners.logprobs(trajs, "ref") if lc.kl_coef else None
         gaps = LogprobGaps.measure(old, trajs)
-        if lc.sync_probe and (bad := gaps.violation(*self.probe_tol)):
-            raise WeightSyncError(
-                f"step {step + 1}: the rollout engines' log-probs differ from the learners' at {bad}: the "
-                "engines do not hold the learners' weights (a failed or partial weight sync, or a model/dtype "
-                "mismatch)")
+        if lc.sync_probe and check_parity:
+            self.check_parity(step + 1, gaps)
         t_old = time.perf_counter()
         metrics: dict = {}
         lr = learning_rate(lc.lr, step, self.cfg.trainer.steps, schedule=lc.lr_schedule,
@@ -429,14 +472,23 @@ class TrainingRun:
         metrics["lr"] = lr
         return Learned(metrics, gaps, t_old - t0, time.perf_counter() - t_old)
 
+    def check_parity(self, step: int, gaps: LogprobGaps) -> None:
+        """Stop the run (``WeightSyncError``) when step ``step``'s engine-vs-learner gaps say the engines do not
+        hold the learners' weights; log the parity policy once its calibration is done."""
+        was_calibrated = self.parity.calibrated
+        if bad := self.parity.check(step, gaps):
+            raise WeightSyncError(
+                f"step {step}: the rollout engines' log-probs differ from the learners' at {bad}: the engines do "
+                "not hold the learners' weights (a failed or partial weight sync, or a model/dtype mismatch)")
+        if self.parity.calibrated and not was_calibrated:
+            self.log(f"[train] {self.parity.describe()}")
+
     def _replay(self, step: int) -> None:
-        self.learn(step - 1, self.batches.load(step))
+        self.learn(step - 1, self.batches.load(step), check_parity=False)
 
     def sync_engines(self) -> dict[str, float]:
         lc = self.cfg.learner
-        if self.sleep_engines:  # colocated: the learners hand their cached GPU memory back before the engines wake
-            self.actors.learners.release_memory()
-            self.actors.pool.wake_up()
+        self.residency.wake()  # colocated: the learners hand their cached GPU memory back, the engines wake
         return sync_weights(self.actors.learners, self.actors.pool, bucket_mb=lc.sync_bucket_mb,
                             timeout_s=lc.sync_timeout_s, channel=self.channel)
 

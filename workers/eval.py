@@ -40,6 +40,7 @@ class EvalRun:
     reward_timeout_s: float = 10.0
     batch_size: int = 64  # samples per generation call (progress granularity; hf: the batch)
     num_engines: int = 1
+    tensor_parallel_size: int = 1  # GPUs per engine (on a GPU cluster each engine holds its own)
     dtype: str = "float32"  # float32 | bfloat16 (soft-rl eval --preset paper: bfloat16)
     enforce_eager: bool | None = None  # vLLM: None = eager on CPU, graphs on GPU
     limit: int | None = None  # first N problems of each file
@@ -71,22 +72,35 @@ class _HFGenerator:
 
 
 class _VLLMGenerator:
-    """The rollout pool (``workers.rollout.RolloutPool``): one soft-thinking vLLM engine per actor."""
+    """The rollout pool (``workers.rollout.RolloutPool``): one soft-thinking vLLM engine per actor, placed as the
+    training run places its engines (``workers.placement.plan_actors``): on a GPU cluster each engine holds its
+    ``tensor_parallel_size`` GPUs in one placement group, so two engines never share a GPU."""
 
     def __init__(self, run: EvalRun, tokenizer, max_new_tokens: int, max_model_len: int | None):
+        from workers.placement import plan_actors, resolve_device
         from workers.rollout import RolloutPool
 
         _ensure_ray()
+        device = resolve_device("auto")
         engine_kwargs = {"dtype": run.dtype, "max_k": run.settings.k, "max_new_tokens": max_new_tokens}
         if max_model_len is not None:
             engine_kwargs["max_model_len"] = max_model_len
         if run.enforce_eager is not None:
             engine_kwargs["enforce_eager"] = run.enforce_eager
         else:  # auto: CUDA graphs / compilation only pay off on a GPU
-            import torch
-
-            engine_kwargs["enforce_eager"] = not torch.cuda.is_available()
-        self.pool = RolloutPool(num_workers=run.num_engines, model_dir=run.model, engine_kwargs=engine_kwargs)
+            engine_kwargs["enforce_eager"] = device != "gpu"
+        self.layout = plan_actors(device, num_engines=run.num_engines, tensor_parallel_size=run.tensor_parallel_size,
+                                  world_size=0, colocate=False, engine_cpus=1.0,
+                                  learner_cpus=0.0)
+        try:
+            self.pool = RolloutPool(num_workers=run.num_engines, model_dir=run.model,
+                                    engine_kwargs={**engine_kwargs, **self.layout.engine_kwargs},
+                                    tensor_parallel_size=run.tensor_parallel_size,
+                                    num_cpus_per_worker=1.0,
+                                    actor_options=self.layout.engine_options)
+        except BaseException:
+            self.layout.remove()
+            raise
         self.tokenizer = tokenizer
         self.batch_size = run.batch_size * run.num_engines
 
@@ -105,7 +119,10 @@ class _VLLMGenerator:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.pool.shutdown()
+        try:
+            self.pool.shutdown()
+        finally:
+            self.layout.remove()
 
 
 class _Scorer:

@@ -18,6 +18,8 @@ positions and only K logits (hidden . W[ids]) at soft positions.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import socket
 import sys
@@ -38,6 +40,7 @@ from soft_rl.lean_logprobs import head_logprobs, token_scores
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, aggregate_parts, kl_penalty, ppo_token_losses
 from soft_rl.lr_schedule import set_learning_rate
+from soft_rl.memory_plan import grads_accumulate_in_fp32
 from soft_rl.trajectory import Trajectory
 from workers.calls import get_all
 
@@ -50,11 +53,14 @@ class PolicyWithSoftHead(torch.nn.Module):
     whole forward and routes its gradient.
     """
 
-    def __init__(self, hf_model, head_fp32: bool = True, logit_chunk_tokens: int = 2048):
+    def __init__(self, hf_model, head_fp32: bool = True, logit_chunk_tokens: int = 2048, entropy_grad: bool = True):
         super().__init__()
         self.hf = hf_model
         self.head_fp32 = head_fp32  # logits in float32 whatever the model dtype (model.head_dtype)
         self.logit_chunk_tokens = logit_chunk_tokens  # full-vocabulary logits alive at a time: chunk x V
+        # whether the loss differentiates the discrete positions' entropy (learner.entropy_coef != 0); without,
+        # the entropy is a metric and the head's backward skips its vocabulary-sized gradient work
+        self.entropy_grad = entropy_grad
 
     def backbone(self):
         return getattr(self.hf, self.hf.base_model_prefix)
@@ -63,7 +69,9 @@ class PolicyWithSoftHead(torch.nn.Module):
                 disc_tokens, disc_temperature):
         """(log-probs and entropies [2, Nd] of the discrete positions' tokens, logits [Ns, K] at the soft
         positions' stored ids). One tensor per kind: ZeRO-3 records a backward hook per output tensor that
-        receives a gradient, and its module trace must not depend on whether the loss uses the entropy."""
+        receives a gradient, and its module trace must not depend on whether the loss uses the entropy. With
+        ``entropy_grad`` off the entropy row is non-differentiable, but the stacked tensor still receives the
+        log-probs' gradient: the same outputs and trace either way."""
         h = self.backbone()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             position_ids=position_ids).last_hidden_state
         flat = h.reshape(-1, h.shape[-1])
@@ -76,23 +84,21 @@ class PolicyWithSoftHead(torch.nn.Module):
         if head.bias is not None:
             soft_logits = soft_logits + head.bias[soft_ids].to(soft_logits.dtype)
         disc = token_scores(flat[disc_rows], head.weight, head.bias, disc_tokens, disc_temperature,
-                            chunk_tokens=self.logit_chunk_tokens, upcast=self.head_fp32)
+                            chunk_tokens=self.logit_chunk_tokens, upcast=self.head_fp32, entropy_grad=self.entropy_grad)
         return torch.stack(disc), soft_logits
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips (and counts) a step whose gradients are not finite on any rank.
+class _NonFiniteStepGuard:
+    """Mixin for a torch optimizer: skip (and count) a step whose gradients are not finite on any rank.
 
     DeepSpeed calls the client optimizer's step on its (flattened, partitioned) fp32 parameters after
-    clipping; a non-finite global norm leaves non-finite gradients there, which we detect
-    collectively so that every rank skips together.
+    clipping (under ZeRO-3 once per sub-group, on every rank alike); a non-finite global norm leaves
+    non-finite gradients there, which we detect collectively so that every rank skips together.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skipped = 0
+    skipped = 0
 
-    def step(self, closure=None):
+    def _all_ranks_finite(self) -> bool:
         # one flag for all ranks; NCCL reduces only CUDA tensors (the gradients may be on the host: offload)
         dist = torch.distributed.is_initialized()
         on_gpu = dist and torch.distributed.get_backend() == "nccl"
@@ -100,10 +106,15 @@ class GuardedAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    finite.mul_(torch.isfinite(p.grad).all().to(finite.device))  # no host sync per tensor
+                    # a sum is finite iff every term is (short of overflowing float32, > 3e38: no usable
+                    # gradient either), without isfinite's [numel] bool temporary; no host sync per tensor
+                    finite.mul_(torch.isfinite(p.grad.sum()).to(finite.device))
         if dist:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
+        return finite.item() >= 1
+
+    def step(self, closure=None):
+        if not self._all_ranks_finite():
             self.skipped += 1
             for group in self.param_groups:
                 for p in group["params"]:
@@ -112,19 +123,99 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class GuardedAdamW(_NonFiniteStepGuard, torch.optim.AdamW):
+    """torch AdamW with the collective non-finite-step guard: the learner's optimizer on the CPU and on the
+    GPU (the exactness tests compare it with a single-process torch update)."""
+
+
+@functools.cache
+def guarded_cpu_adam_class() -> type:
+    """DeepSpeed's vectorised CPU Adam in AdamW mode (decoupled weight decay, as ``torch.optim.AdamW``) with the
+    collective non-finite-step guard: the optimizer of GPU runs whose optimizer state is offloaded to the host
+    (``learner.offload_optimizer``), where torch's AdamW would step the model's fp32 master copy at a few
+    seconds per step at 7B. Its C++ op is JIT-built on first use (g++ and ninja, cached in
+    TORCH_EXTENSIONS_DIR). A class built on demand: ``deepspeed`` is imported only inside the learner."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    class GuardedCPUAdam(_NonFiniteStepGuard, DeepSpeedCPUAdam):
+        def __init__(self, params, *, lr, betas, eps, weight_decay):
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True,
+                             bias_correction=True)
+
+    return GuardedCPUAdam
+
+
+def make_optimizer(params, cfg: LearnerConfig, device: str) -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed steps: DeepSpeed's CPU Adam for an offloaded optimizer on a GPU run, torch
+    AdamW otherwise (CPU-only runs keep torch's update, which the exactness tests reproduce)."""
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if device == "gpu" and cfg.offload_optimizer and cfg.zero_stage > 0:
+        return guarded_cpu_adam_class()(params, **kw)
+    return GuardedAdamW(params, **kw)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
+EXPORT_SHARD_BYTES = 2 << 30  # safetensors shard size of an HF export: the host memory rank 0 holds while writing
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty(0, dtype=dtype).element_size()
+
+
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the buffers a state dict holds (non-persistent ones, e.g. rotary tables, are not)."""
+    out = []
+    for mod_name, mod in module.named_modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out.append((f"{mod_name}.{name}" if mod_name else name, buf))
+    return out
+
+
+def plan_shards(tensors: Sequence[tuple[str, Sequence[int], torch.dtype]], max_shard_bytes: int) -> list[list[str]]:
+    """Consecutive groups of tensor names of at most ``max_shard_bytes`` each (a larger tensor alone)."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape, dtype in tensors:
+        n = _nbytes(shape, dtype)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
 def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict:
+    """The DeepSpeed config of a learner rank.
+
+    Gradient accumulation over a mini-batch's micro-batches (DeepSpeed 0.19.8; ``grad_accum_dtype`` unset
+    means the model dtype): in bf16 ZeRO-2 adds each micro-batch's reduced gradient into bf16 partition
+    buffers (``all_grad_tensors``; offloaded: ``accumulated_grads_in_cpu``) and ZeRO-3 into a bf16
+    ``grad_partitions_flat_buffer``, so 16-32 micro-batches lose up to log2(M) bits of an 8-bit mantissa.
+    With ``grad_accum_dtype: fp32`` ZeRO-2 accumulates into a float32 partition buffer (its "compact"
+    buffer, offloaded or not) and ZeRO-3 into a float32 flat buffer: each micro-batch's gradient is still
+    computed and reduced in bf16, the sum is float32. Set for bf16 at stages 2 and 3 only: at stage 1 it
+    selects DeepSpeed's BF16_Optimizer, which with ``managed_gradient_accumulation: false`` reported twice
+    the gradient norm of the other paths on the same batch (checked on the CPU, world size 1), and stage 0
+    (plain data parallel) rejects it; there gradients accumulate in the bf16 ``param.grad``.
+    """
     zero: dict = {"stage": cfg.zero_stage, "overlap_comm": False}
     if cfg.offload_optimizer and cfg.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload_params and cfg.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu"}
-    return {
+    out = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # step() is the boundary: variable micro-batch counts
@@ -132,10 +223,13 @@ def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
         "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
+        "zero_force_ds_cpu_optimizer": False,  # CPU runs step torch AdamW on offloaded state (make_optimizer)
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if grads_accumulate_in_fp32(cfg.zero_stage, dtype):
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
 
 
 class LearnerWorker:
@@ -150,6 +244,8 @@ class LearnerWorker:
         self.backend = "nccl" if device == "gpu" else "gloo"  # the DP group's and the weight broadcast's
         self.engine = None
         self.ref = None
+        self._bucket_refs: dict[tuple[int, int], list] = {}  # object-store sync: (sync, bucket) -> [ref, readers left]
+        self.buckets_packed = 0
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -182,15 +278,14 @@ class LearnerWorker:
         loaded = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in hf.parameters())
         if c.gradient_checkpointing:  # non-reentrant: the soft inputs are detached embeddings
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.policy = PolicyWithSoftHead(hf, self.head_fp32, c.logit_chunk_tokens)
-        opt = GuardedAdamW(self.policy.parameters(), lr=c.lr, betas=tuple(c.betas), eps=c.adam_eps,
-                           weight_decay=c.weight_decay)
+        self.policy = PolicyWithSoftHead(hf, self.head_fp32, c.logit_chunk_tokens, entropy_grad=bool(c.entropy_coef))
+        opt = make_optimizer(self.policy.parameters(), c, self.device)
         self.optimizer = opt
         self.engine, *_ = deepspeed.initialize(model=self.policy, optimizer=opt, config=ds_config)
         self._register_head(self.engine.module)
         self.compute_dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
         if c.kl_coef:
-            ref = PolicyWithSoftHead(self._load_hf(), self.head_fp32, c.logit_chunk_tokens).eval()
+            ref = PolicyWithSoftHead(self._load_hf(), self.head_fp32, c.logit_chunk_tokens, entropy_grad=False).eval()
             ref.requires_grad_(False)
             if c.zero_stage == 3:
                 ref_cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
@@ -330,13 +425,42 @@ class LearnerWorker:
         with torch.no_grad(), deepspeed.zero.GatheredParameters(ps, enabled=any(hasattr(p, "ds_id") for p in ps)):
             yield ps
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named full tensors (gathered layer by layer under ZeRO-3); on every rank."""
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """HF-named full float32 tensors on rank 0 (None elsewhere); every rank joins the gathers (ZeRO-3:
+        one parameter at a time), only rank 0 keeps copies."""
         out = {}
         for name, _ in self.engine.module.hf.named_parameters():
             with self._gathered([name]) as (p,):
-                out[name] = p.detach().clone().float().cpu()
-        return out
+                if self.rank == 0:
+                    out[name] = p.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        return out if self.rank == 0 else None
+
+    def weight_bucket_ref(self, sync_id: int, index: int, names: list[str], readers: int) -> list:
+        """Bucket ``index`` of object-store sync ``sync_id`` for one of ``readers`` engines (ZeRO 0-2, rank 0
+        only): ``[ref]``, the object ref nested in a list so that Ray hands it over unresolved. The first
+        request packs the bucket (``weight_bucket``) and puts it into the object store once; every engine
+        gets the same object, and rank 0 drops its reference after the ``readers``-th request (the engines'
+        references keep it until they have loaded it). A newer ``sync_id`` drops what an older, unfinished
+        sync left (an engine that died mid-sync never asks for the rest)."""
+        if self.rank != 0:
+            raise RuntimeError("weight_bucket_ref is served by learner rank 0 (ZeRO 0-2: it holds full weights)")
+        if readers < 1:
+            raise ValueError(f"weight_bucket_ref: readers must be >= 1, got {readers}")
+        cache = self._bucket_refs
+        for key in [k for k in cache if k[0] != sync_id]:
+            del cache[key]
+        entry = cache.get((sync_id, index))
+        if entry is None:
+            entry = cache[(sync_id, index)] = [ray.put(self.weight_bucket(names)), readers]
+            self.buckets_packed += 1
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del cache[(sync_id, index)]
+        return [entry[0]]
+
+    def packed_bucket_count(self) -> int:
+        """How many object-store buckets this rank has packed (``weight_bucket_ref``), over its life."""
+        return self.buckets_packed
 
     def weight_bucket(self, names: list[str]) -> list[tuple[str, torch.Tensor]] | None:
         """One object-store bucket: these HF-named full weights in the model dtype on the host, from rank
@@ -366,30 +490,45 @@ class LearnerWorker:
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else torch.device("cpu")
 
     def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
-        from workers.weight_broadcast import open_group
+        from workers.weight_broadcast import close_group, open_group
 
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 joins the weight broadcast group")
+        close_group(getattr(self, "_weight_group", None))
+        self._weight_group = None
         self._weight_group = open_group(self.backend, host, port, 0, world_size, timeout_s, self._device())
         return 0
 
     def broadcast_weights(self, layout) -> int:
-        """Send every bucket of ``layout``; all ranks call it (ZeRO-3 gathers each bucket's parameters
-        collectively), rank 0 packs and broadcasts."""
-        from workers.weight_broadcast import pack, send
+        """Send every bucket of ``layout`` within the group's sync deadline; all ranks call it (ZeRO-3 gathers each
+        bucket's parameters collectively), rank 0 packs and broadcasts. When the broadcast fails (a dead or hung
+        engine: ``WeightGroupError``, the group torn down), rank 0 still joins the remaining gathers, so that the
+        learners' own group stays in step, and raises afterwards."""
+        from workers.weight_broadcast import abort_group, pack, send, sync_deadline
 
         group = getattr(self, "_weight_group", None)
         if self.rank == 0 and group is None:
             raise RuntimeError("broadcast_weights before join_weight_group")
-        sent = 0
+        deadline = sync_deadline(group) if self.rank == 0 else None
+        sent, error = 0, None
         for bucket in layout:
             with self._gathered(bucket.names) as ps:
-                if self.rank == 0:
-                    send(group, pack(bucket, ps, self._device()))
-                    sent += len(ps)
+                if self.rank == 0 and error is None:
+                    try:
+                        send(group, pack(bucket, ps, self._device()), deadline)
+                        sent += len(ps)
+                    except Exception as e:  # noqa: BLE001 - raised once the gathers are done
+                        error = e
+                        abort_group(group, f"learner rank 0 failed: {e}")  # the engines stop waiting (if not done)
+        if error is not None:
+            raise error
         return sent
 
     def leave_weight_group(self) -> None:
+        """Tear the group down explicitly (``abort``; a failed NCCL group is not left to its destructor)."""
+        from workers.weight_broadcast import close_group
+
+        close_group(getattr(self, "_weight_group", None))
         self._weight_group = None
 
     def placement(self) -> dict:
@@ -424,17 +563,89 @@ class LearnerWorker:
         self.optimizer.skipped = client.pop("skipped", 0)
         return client
 
-    def export_hf(self, out_dir: str, tokenizer_dir: str | None) -> None:
-        """save_pretrained of the gathered weights (rank 0 writes; every rank gathers)."""
-        state = self.full_state_dict()
-        if self.rank != 0:
-            return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def export_hf(self, out_dir: str, tokenizer_dir: str | None, max_shard_bytes: int = EXPORT_SHARD_BYTES) -> int:
+        """Write the policy as an HF model directory (all ranks call it; rank 0 writes; returns the files
+        written, 0 on other ranks).
 
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
-        model.load_state_dict(state, strict=False)
-        model.save_pretrained(out_dir)
-        AutoTokenizer.from_pretrained(tokenizer_dir or self.model_path).save_pretrained(out_dir)
+        No rank builds a model: every rank joins the per-parameter gathers (collectives under ZeRO-3) in
+        the same order, and rank 0 writes safetensors shards of at most ``max_shard_bytes`` as it goes (a
+        larger tensor gets its own), so it holds about one shard on the host, plus
+        ``model.safetensors.index.json`` when there are several. Weights in the compute dtype (a bf16 run
+        exports bf16) and the config's ``dtype`` says so; the config itself, the generation config and the
+        tokenizer come from the model directory (``tokenizer_dir`` when given), not from a model object.
+        Tied input/output embeddings are one parameter, written once under the input embedding's name,
+        as transformers' ``save_pretrained`` does. (Building the model on rank 0 alone, as before, entered
+        zero.Init's collectives under ZeRO-3 that the other ranks never joined: a hang.)"""
+        import shutil
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        hf = self.engine.module.hf
+        dtype = self.compute_dtype
+        tensors = [(n, tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape), dtype)
+                   for n, p in hf.named_parameters()]
+        tensors += [(n, tuple(b.shape), b.dtype) for n, b in _persistent_buffers(hf)]
+        shards = plan_shards(tensors, max_shard_bytes)
+        out = Path(out_dir)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        buffers = dict(_persistent_buffers(hf))
+        files = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for file, names in zip(files, shards, strict=True):
+            shard: dict[str, torch.Tensor] = {}
+            for name in names:
+                if name in buffers:  # never partitioned
+                    shard[name] = buffers[name].detach().to(device="cpu", copy=True)
+                    continue
+                with self._gathered([name]) as (p,):
+                    if self.rank == 0:
+                        shard[name] = p.detach().to(device="cpu", dtype=dtype, copy=True)
+            if self.rank == 0:
+                save_file(shard, str(out / file), metadata={"format": "pt"})
+            del shard
+        if self.rank != 0:
+            return 0
+        if len(shards) > 1:
+            total = sum(_nbytes(shape, dt) for _, shape, dt in tensors)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names}}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(self.model_path)
+        config.dtype = dtype
+        config.save_pretrained(out)
+        if (Path(self.model_path) / "generation_config.json").exists():
+            shutil.copyfile(Path(self.model_path) / "generation_config.json", out / "generation_config.json")
+        AutoTokenizer.from_pretrained(tokenizer_dir or self.model_path).save_pretrained(out)
+        return len(files)
+
+
+# Environment of learner actors on GPU runs: the caching allocator grows segments in place instead of
+# fragmenting on the variable-length micro-batches (the chunked head's [chunk, V] buffers, activations); and no
+# flight-recorder dump on an NCCL error: an aborted weight-broadcast group (workers/weight_broadcast.py) would
+# otherwise set torch's process-wide dump flag, and the DeepSpeed group's heartbeat monitor would then end a
+# healthy learner.
+LEARNER_GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}
+
+
+def learner_actor_options(device: str, num_cpus: float, options: dict | None = None,
+                          environ: dict[str, str] | None = None) -> dict:
+    """Ray options of one learner actor: its CPUs, one GPU on GPU runs, ``options`` (e.g. its placement
+    bundle) on top; on GPU runs ``LEARNER_GPU_ENV`` in its runtime_env's env_vars. A value the user set wins:
+    one in ``options``' runtime_env, else one in the driver's environment (``environ``, default os.environ),
+    which is forwarded as it is."""
+    environ = os.environ if environ is None else environ
+    out = {"num_cpus": num_cpus, "num_gpus": 1 if device == "gpu" else 0, **(options or {})}
+    if device == "gpu":
+        runtime_env = dict(out.get("runtime_env") or {})
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        for key, default in LEARNER_GPU_ENV.items():
+            env_vars.setdefault(key, environ.get(key, default))
+        out["runtime_env"] = {**runtime_env, "env_vars": env_vars}
+    return out
 
 
 class LearnerGroup:
@@ -449,9 +660,9 @@ class LearnerGroup:
         n = cfg.world_size
         if actor_options is not None and len(actor_options) != n:
             raise ValueError(f"{len(actor_options)} actor_options for {n} learner ranks")
-        base = {"num_cpus": num_cpus_per_actor, "num_gpus": 1 if device == "gpu" else 0}
         actor = ray.remote(LearnerWorker)
-        self.actors = [actor.options(**{**base, **(actor_options[r] if actor_options else {})})
+        self.actors = [actor.options(**learner_actor_options(device, num_cpus_per_actor,
+                                                             actor_options[r] if actor_options else None))
                        .remote(r, n, model_path, asdict(cfg), dtype, seed, device, head_dtype) for r in range(n)]
         addr, port = ray.get(self.actors[0].address.remote())
         # parameter elements each rank held right after loading (ZeRO-3: its partition, not the model)
@@ -537,7 +748,7 @@ class LearnerGroup:
         return refs, others, layout
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        # a collective under ZeRO-3: every rank gathers, rank 0's copy is returned
+        # a collective under ZeRO-3: every rank gathers, rank 0 alone keeps (and returns) copies
         return get_all([a.full_state_dict.remote() for a in self.actors])[0]
 
     def save_checkpoint(self, root: str, step: int, client_state: dict | None = None, keep: int = 3) -> str:
@@ -567,8 +778,10 @@ class LearnerGroup:
     def load_checkpoint(self, ckpt_dir: str) -> dict:
         return get_all([a.load_checkpoint.remote(ckpt_dir) for a in self.actors])[0]
 
-    def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str:
-        ray.get([a.export_hf.remote(out_dir, tokenizer_dir) for a in self.actors])
+    def export_hf(self, out_dir: str, tokenizer_dir: str | None = None,
+                  max_shard_bytes: int = EXPORT_SHARD_BYTES) -> str:
+        """``LearnerWorker.export_hf`` on every rank (rank 0 writes ``out_dir``)."""
+        get_all([a.export_hf.remote(out_dir, tokenizer_dir, max_shard_bytes) for a in self.actors])
         return out_dir
 
     def shutdown(self) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from soft_rl.checkpoints import checkpoint_step, usable_checkpoints
 from soft_rl.faults import FaultLog, Preempted, Preemption, RestartLimitError
+from workers.residency import EngineResidency
 
 HEALTH_TIMEOUT_S = 10.0
 
@@ -79,10 +80,15 @@ class Recovery:
 
     def __init__(self, actors, faults: FaultLog, preemption: Preemption, *, make_learners: Callable[[], object],
                  replay: Callable[[int], None], ckpt_root: Path, sync_one: Callable[[int], None],
+                 sync_all: Callable[[], object] = lambda: None, residency: EngineResidency | None = None,
                  on_learners_replaced: Callable[[], None] = lambda: None, log=print):
+        """``sync_all()``: a full weight sync of every engine (waking colocated ones); ``residency``: whether
+        colocated engines are asleep (a rebuilt learner group replays with them asleep)."""
         self.actors, self.faults, self.preemption = actors, faults, preemption
         self.make_learners, self.replay, self.ckpt_root = make_learners, replay, Path(ckpt_root)
-        self.sync_one, self.on_learners_replaced, self.log = sync_one, on_learners_replaced, log
+        self.sync_one, self.sync_all = sync_one, sync_all
+        self.on_learners_replaced, self.log = on_learners_replaced, log
+        self.residency = residency or EngineResidency(actors, enabled=False)
         self.step = 0
         # checkpoints this run wrote or resumed from (others in the directory may be another run's)
         self.own_checkpoints: set[str] = set()
@@ -137,6 +143,7 @@ class Recovery:
     def _restart_engine(self, i: int) -> None:
         self.actors.pool.restart(i)
         self.sync_one(i)
+        self.residency.settle_restarted(i)  # asleep like the others where they are asleep
 
     def _lost_actors(self) -> list[tuple[str, int]]:
         a = self.actors
@@ -150,12 +157,20 @@ class Recovery:
         if not any(kind in uses for kind, _ in lost):
             raise _Fatal(error)  # every actor this phase uses is alive: a bug, not a fault
         faults = [self.faults.record(kind, i, phase, error, self.step) for kind, i in lost]
+        engines = tuple(i for kind, i in lost if kind == "engine")
         if any(kind == "learner" for kind, _ in lost):
-            self.rebuild_learners(learners_at)
-        for kind, i in lost:
-            if kind == "engine":
+            # colocated GPU engines sleep while the new group loads and replays (it needs their GPU memory);
+            # lost engines start again once the learners are idle, and the engines that were awake are woken
+            # and synced at the end
+            with self.residency.learners_working(self.sync_all, skip=engines):
+                self.rebuild_learners(learners_at)
+                for i in engines:
+                    self._restart_engine(i)
+        else:
+            for i in engines:
                 self._restart_engine(i)
-            elif kind == "reward":
+        for kind, i in lost:
+            if kind == "reward":
                 self.actors.rewards.restart(i)
         for fault in faults:
             self.faults.recovered(fault)

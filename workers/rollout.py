@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +79,74 @@ def _tensors(buckets: Iterable[list]) -> Iterable[tuple[str, torch.Tensor]]:
 class RolloutWorker:
     """Owns one ``SoftEngine`` (tensor-parallel size from ``engine_kwargs``); used as a Ray actor."""
 
-    def __init__(self, model_dir: str, engine_kwargs: dict | None = None, env: dict[str, str] | None = None):
+    def __init__(self, model_dir: str, engine_kwargs: dict | None = None, env: dict[str, str] | None = None,
+                 predecessor: dict | None = None, handover_timeout_s: float = 300.0):
+        """``predecessor``: the process tree of the engine this one replaces (``RolloutPool.restart``). A TP>1
+        engine's vLLM worker processes outlive its killed actor for a while, holding their GPU memory, while Ray
+        has already handed the GPUs over; so before building its engine this actor waits (at most
+        ``handover_timeout_s``, then a clear error naming the pids) until those processes are gone and, on CUDA,
+        until every device has the free memory vLLM's start-up check asks for. ``handover`` records what it
+        waited for. On CUDA, an engine start that fails on that check is retried once after waiting again."""
+        from workers.processes import process_tree
+
         for k, v in {**engine_env_defaults(), **(env or {})}.items():
             os.environ.setdefault(k, str(v))
         self.model_dir = str(model_dir)
-        self.engine = self._start_engine(self.model_dir, dict(engine_kwargs or {}))
+        kw = dict(engine_kwargs or {})
+        self.handover: dict | None = None
+        if predecessor is not None:
+            self.handover = self._wait_for_predecessor(predecessor, kw, handover_timeout_s)
+        self.engine = self._start_engine_checked(kw, predecessor, handover_timeout_s)
         self.generated = 0
         self.engine_error: str | None = None  # set when the vLLM engine died under this actor (``health``)
+        self.process_tree = process_tree()  # this actor and its engine's worker processes, as started
+
+    @staticmethod
+    def _on_cuda() -> bool:
+        import ray
+
+        return bool(ray.get_gpu_ids()) if ray.is_initialized() else torch.cuda.is_available()
+
+    def _wait_for_predecessor(self, tree: dict, engine_kwargs: dict, timeout_s: float) -> dict:
+        from workers.processes import wait_for_device_memory, wait_for_exit
+
+        t0 = time.monotonic()
+        stats = wait_for_exit(tree, timeout_s)
+        stats["predecessor_pids"] = stats.pop("pids")
+        if self._on_cuda():
+            left = max(timeout_s - (time.monotonic() - t0), 1.0)
+            stats["memory"] = wait_for_device_memory(float(engine_kwargs.get("gpu_memory_utilization", 0.9)), left)
+        return stats
+
+    def _start_engine_checked(self, engine_kwargs: dict, predecessor: dict | None, timeout_s: float):
+        """``_start_engine``, recording which of the predecessor's processes were alive right before it (none,
+        after the wait), and retried once on CUDA when vLLM's free-memory check failed (a TP>1 worker's failure
+        reaches the actor only as "WorkerProc initialization failed")."""
+        from workers.processes import alive, machine_space
+
+        attempts = 0
+        while True:
+            attempts += 1
+            if self.handover is not None and predecessor is not None and predecessor.get("space") == machine_space():
+                self.handover["alive_at_engine_start"] = alive(predecessor)
+            try:
+                engine = self._start_engine(self.model_dir, engine_kwargs)
+                break
+            except Exception as e:
+                text = str(e)
+                if attempts > 1 or not self._on_cuda() or not any(
+                        m in text for m in ("Free memory on device", "WorkerProc initialization failed")):
+                    raise
+                if self.handover is None:
+                    self.handover = {}
+                self.handover["retried_after"] = f"{type(e).__name__}: {text[:300]}"
+                from workers.processes import wait_for_device_memory
+
+                self.handover["memory_retry"] = wait_for_device_memory(
+                    float(engine_kwargs.get("gpu_memory_utilization", 0.9)), timeout_s)
+        if self.handover is not None:
+            self.handover["engine_start_attempts"] = attempts
+        return engine
 
     def _start_engine(self, model_dir: str, engine_kwargs: dict):
         """The one place the actor builds its vLLM engine (a test stand-in replaces only this)."""
@@ -127,23 +189,31 @@ class RolloutWorker:
 
         return self.engine.update_weights(_tensors(fetched()))
 
-    def pull_weight_buckets(self, source, bucket_names: list[list[str]]) -> int:
-        """One object-store sync pulled from ``source`` (learner rank 0's actor: ``weight_bucket(names)``),
-        one bucket ahead of the loader: at most two buckets of this sync exist in the object store at a
-        time, whatever the model's size (the driver-submitted path holds all of them at once)."""
+    def pull_weight_buckets(self, source, bucket_names: list[list[str]], sync_id: int, readers: int) -> int:
+        """One object-store sync pulled from ``source`` (learner rank 0's actor), one bucket ahead of the
+        loader. ``source.weight_bucket_ref(sync_id, i, names, readers)`` packs bucket i once per sync, for
+        all ``readers`` engines of the sync, and hands each the same object ref: rank 0 copies the model to
+        the host once per sync, not once per engine. Each engine asks for one bucket ahead of the one it
+        loads, so the object store holds the buckets between the slowest engine's and the fastest
+        engine's next (two when the engines keep pace), each once."""
         import ray
 
         if not bucket_names:
             raise RuntimeError("pull_weight_buckets: no buckets")
 
         def pulled():
-            ahead = source.weight_bucket.remote(bucket_names[0])
+            def request(i: int):
+                return source.weight_bucket_ref.remote(sync_id, i, bucket_names[i], readers)
+
+            ahead = request(0)
             for i in range(len(bucket_names)):
                 ref = ahead
                 if i + 1 < len(bucket_names):
-                    ahead = source.weight_bucket.remote(bucket_names[i + 1])
-                bucket = ray.get(ref)
+                    ahead = request(i + 1)
+                (bucket_ref,) = ray.get(ref)  # nested in a list: the shared object's ref, unresolved
                 del ref
+                bucket = ray.get(bucket_ref)
+                del bucket_ref  # the object leaves the store once every engine has dropped its ref
                 yield bucket
 
         return self.engine.update_weights(_tensors(pulled()))
@@ -162,11 +232,22 @@ class RolloutWorker:
     def leave_weight_group(self) -> None:
         self.engine.leave_weight_group()
 
-    def sleep(self) -> None:
+    def sleep(self) -> bool:
+        """Sleep (vLLM sleep mode level 2) unless asleep already; returns whether the engine slept now."""
+        if getattr(self, "asleep", False):
+            return False
         self.engine.sleep()
+        self.asleep = True
+        return True
 
-    def wake_up(self) -> None:
+    def wake_up(self) -> bool:
+        """Wake up unless awake (a fresh engine is awake); returns whether it woke now. Its weights are then
+        undefined (level 2 discarded them) until the next weight sync."""
+        if not getattr(self, "asleep", False):
+            return False
         self.engine.wake_up()
+        self.asleep = False
+        return True
 
     def placement(self) -> dict:
         from workers.placement import placement_info
@@ -177,12 +258,18 @@ class RolloutWorker:
         return self.engine.reset_prefix_cache()
 
     def health(self) -> dict:
+        """State and counters, with this actor's process tree now (``process_tree``: what a replacement waits
+        for) and, for a replacement, what it waited for before its engine started (``handover``)."""
+        from workers.processes import process_tree
+
+        about = {"pid": os.getpid(), "model": self.model_dir, "process_tree": process_tree(),
+                 "handover": getattr(self, "handover", None)}
         if self.engine_error is None and self.engine.failed():
             self.engine_error = "a process of the vLLM engine died"
         if self.engine_error is not None:  # the engine cannot answer (stats would wait on a dead process)
-            return {"ok": False, "error": self.engine_error, "pid": os.getpid(), "model": self.model_dir}
-        return {"ok": not self.engine._closed, "error": None, "pid": os.getpid(), "model": self.model_dir,
-                "generated": self.generated, **self.engine.stats()}
+            return {"ok": False, "error": self.engine_error, **about}
+        return {"ok": not self.engine._closed, "error": None, **about, "generated": self.generated,
+                **self.engine.stats()}
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -193,15 +280,21 @@ class RolloutPool:
 
     def __init__(self, num_workers: int, model_dir: str, engine_kwargs: dict | None = None,
                  tensor_parallel_size: int = 1, num_cpus_per_worker: float = 1.0, env: dict | None = None,
-                 actor_options: list[dict] | None = None):
-        """``actor_options``: per-worker Ray options (e.g. a colocation bundle, see workers.placement)."""
+                 actor_options: list[dict] | None = None, restart_wait_s: float = 300.0):
+        """``actor_options``: per-worker Ray options (e.g. a colocation bundle, see workers.placement).
+        ``restart_wait_s``: how long a restarted engine waits for its predecessor's processes and device memory."""
         import ray
 
         if num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        if not restart_wait_s > 0:
+            raise ValueError(f"restart_wait_s must be > 0, got {restart_wait_s}")
         kw = dict(engine_kwargs or {})
         kw["tensor_parallel_size"] = tensor_parallel_size
         env_vars = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)}
+        # a failed weight-broadcast group must not make the process's first NCCL group (vLLM's) kill the engine
+        # process after its heartbeat timeout (workers.weight_broadcast); read when that group is built
+        env_vars.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
         env_vars.update({k: str(v) for k, v in (env or {}).items()})
         pp = env_vars.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
         env_vars["PYTHONPATH"] = _ROOT + (os.pathsep + pp if pp else "")
@@ -212,20 +305,24 @@ class RolloutPool:
                 for i in range(num_workers)]
         # everything needed to start worker i again in the same place (``restart``)
         runtime_env = {"env_vars": env_vars}
-        self._start = [lambda o=o: actor.options(**o, runtime_env=runtime_env).remote(str(model_dir), kw, env)
-                       for o in opts]
+        self._start = [lambda predecessor=None, o=o: actor.options(**o, runtime_env=runtime_env).remote(
+            str(model_dir), kw, env, predecessor, restart_wait_s) for o in opts]
         self.workers = [start() for start in self._start]
-        ray.get([w.health.remote() for w in self.workers])  # wait until every engine is up
+        # wait until every engine is up; keep each actor's process tree (its vLLM worker processes are fixed from
+        # its start on) for a replacement to wait for (``restart``)
+        self._trees = [h.get("process_tree") for h in ray.get([w.health.remote() for w in self.workers])]
 
     def restart(self, i: int) -> None:
         """Replace worker ``i`` (dead or hung) by a fresh engine with the same options and placement bundle;
-        it holds the model directory's weights until the next sync."""
+        it holds the model directory's weights until the next sync. The new actor first waits for the old one's
+        process tree to be gone (TP>1: vLLM's worker processes exit after their actor, still holding the GPUs Ray
+        has already handed over; ``RolloutWorker``); ``health()["handover"]`` says what it waited for."""
         import ray
 
         with contextlib.suppress(Exception):
             ray.kill(self.workers[i])
-        self.workers[i] = self._start[i]()
-        ray.get(self.workers[i].health.remote())
+        self.workers[i] = self._start[i](predecessor=self._trees[i])
+        self._trees[i] = ray.get(self.workers[i].health.remote()).get("process_tree")
 
     def chunks(self, n: int) -> list[tuple[int, int, int]]:
         """(worker, start, stop) of a batch of ``n`` requests: contiguous, in order, one chunk per worker."""
@@ -273,16 +370,19 @@ class RolloutPool:
         ref = ray.put([(name, t.detach().to("cpu").contiguous()) for name, t in items])
         return ray.get([w.update_weights.remote(ref) for w in self.workers])
 
-    def sleep(self) -> None:
-        """Free the engines' device memory (vLLM sleep mode level 1: weights offloaded, KV cache dropped)."""
+    def sleep(self, only: Sequence[int] | None = None) -> None:
+        """Free the engines' device memory (vLLM sleep mode level 2: weights and KV cache discarded; every wake
+        is followed by a full weight sync). ``only``: these workers (default all); asleep ones are left as
+        they are."""
         import ray
 
-        ray.get([w.sleep.remote() for w in self.workers])
+        ray.get([self.workers[i].sleep.remote() for i in (range(len(self.workers)) if only is None else only)])
 
-    def wake_up(self) -> None:
+    def wake_up(self, only: Sequence[int] | None = None) -> None:
+        """Wake the sleeping engines (``only``: these workers); their weights must be synced before they generate."""
         import ray
 
-        ray.get([w.wake_up.remote() for w in self.workers])
+        ray.get([self.workers[i].wake_up.remote() for i in (range(len(self.workers)) if only is None else only)])
 
     def placement(self) -> list[dict]:
         import ray

@@ -22,11 +22,16 @@ Two transports (``learner.sync_transport``):
   CPU; ``workers.weight_broadcast``). Buckets are gathered (ZeRO-3: one bucket's parameters at a
   time), broadcast, and streamed into each engine's loader: no object-store copy, no full state
   dict on the driver, at most one bucket resident per process. On GPU with NCCL the learner and an
-  engine must not share a device (NCCL does not allow two ranks of a group on one GPU).
+  engine must not share a device (NCCL does not allow two ranks of a group on one GPU). A dead or hung
+  member never blocks the others past the sync's deadline (``timeout_s``) and kills no process: every
+  collective is polled against that deadline and an abort key in the group's store, which the driver
+  sets as soon as a call of the sync fails (an actor died), so the survivors raise within about a
+  second; the group is then torn down (aborted) on every member and reopened by the next sync.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -36,6 +41,10 @@ import torch
 
 class WeightSyncError(RuntimeError):
     pass
+
+
+# object-store syncs of this driver, numbered: learner rank 0 keys its once-per-sync buckets by them
+_SYNC_IDS = itertools.count(time.time_ns())
 
 
 def make_buckets(state: dict[str, torch.Tensor], bucket_mb: float) -> list[list[tuple[str, torch.Tensor]]]:
@@ -81,6 +90,13 @@ def check_parity(learners, pool, probe: Sequence, tol: float, timeout_s: float) 
     return worst
 
 
+def _first_line(error: BaseException, limit: int = 500) -> str:
+    """A Ray task error's own message (its first lines are the remote traceback's header)."""
+    cause = getattr(error, "cause", None)
+    text = str(cause if cause is not None else error).strip()
+    return text.splitlines()[-1][:limit] if text else type(error).__name__
+
+
 class BroadcastChannel:
     """The broadcast sync group: learner rank 0 (rank 0, hosts the rendezvous) + every engine process."""
 
@@ -92,10 +108,12 @@ class BroadcastChannel:
         rank0 = learners.actors[0]
         self.layout = plan_buckets(ray.get(rank0.weight_specs.remote(), timeout=timeout_s), bucket_mb)
         self.open = False
+        self._address: tuple[str, int] | None = None  # the open group's store (learner rank 0): its abort key
 
     def _open(self) -> None:
         rank0 = self.learners.actors[0]
         host, port = ray.get(rank0.address.remote(), timeout=self.timeout_s)
+        self._address = (host, port)
         ranks = [_get(w.num_ranks.remote(), self.timeout_s, "reporting its ranks", i)
                  for i, w in enumerate(self.pool.workers)]
         world = 1 + sum(ranks)
@@ -103,34 +121,59 @@ class BroadcastChannel:
         lead = rank0.join_weight_group.remote(host, port, world, self.timeout_s)
         joins = [w.join_weight_group.remote(host, port, b, world, self.backend, self.timeout_s)
                  for w, b in zip(self.pool.workers, base, strict=True)]
-        self._wait(lead, joins, "joining the weight broadcast group")
+        self._wait([lead], joins, "joining the weight broadcast group")
         self.open = True
 
-    def _wait(self, lead, receivers: list, what: str) -> None:
-        """Wait for the learner side and every receiver, then name the receivers that died or hung.
+    def _abort(self, reason: str) -> None:
+        """Set the group's abort key: every rank still blocked in a collective of it raises within about a second
+        (``workers.weight_broadcast``) instead of at its deadline."""
+        from workers.weight_broadcast import request_abort
 
-        A receiver that is alive fails by itself within the group's timeout when the learner side
-        fails (its broadcast times out too), so one still silent after that is the hung one.
+        if self._address is not None:  # not waited for long: a dead store host (learner rank 0) would only delay
+            request_abort(*self._address, f"the driver: {reason}", wait_s=0.5)
+
+    def _wait(self, leads: list, receivers: list, what: str) -> None:
+        """Wait for the learner side (one call per learner rank taking part) and every receiver.
+
+        On the first failure (an actor died, a call raised) the group's abort key is set at once, so the ranks
+        still blocked in a collective raise within about a second; at the deadline (the ranks' own deadline plus a
+        margin) it is set too. The survivors then get a short grace to return, so that they are free again for
+        recovery's health checks, and the dead or hung actors are named in the ``WeightSyncError``.
         """
-        deadline = time.monotonic() + self.timeout_s + min(30.0, 0.5 * self.timeout_s + 5.0)
-        problems, lead_error = [], None
-        try:
-            ray.get(lead, timeout=max(deadline - time.monotonic(), 0.1))
-        except Exception as e:  # noqa: BLE001 - reported together with the receivers below
-            lead_error = e
-        for i, ref in enumerate(receivers):
-            try:
-                ray.get(ref, timeout=max(deadline - time.monotonic(), 0.1))
-            except Exception as e:  # noqa: BLE001 - classified below
-                problem = _failure(e, what, i, self.timeout_s)
-                if problem is None and lead_error is None:
-                    problem = f"rollout worker {i} failed {what}: {e}"
-                if problem is not None:
-                    problems.append(problem)
-        if problems or lead_error is not None:
-            self.close()
-            detail = "; ".join(problems) if problems else f"the learner failed {what}: {lead_error}"
-            raise WeightSyncError(f"weight sync (broadcast): {detail}") from lead_error
+        who = {ref: ("learner rank", j) for j, ref in enumerate(leads)}
+        who.update({ref: ("rollout worker", i) for i, ref in enumerate(receivers)})
+        grace = min(10.0, 0.5 * self.timeout_s + 2.0)
+        end = time.monotonic() + self.timeout_s + min(30.0, 0.5 * self.timeout_s + 5.0)
+        pending, errors, aborted = list(who), {}, False
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(max(end - time.monotonic(), 0.0), 1.0))
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - classified below
+                    errors[who[ref]] = e
+                    if not aborted:
+                        aborted, end = True, min(end, time.monotonic() + grace)
+                        kind, i = who[ref]
+                        died = isinstance(e, ray.exceptions.RayActorError)
+                        # a dead learner rank 0 took the group's store with it: the ranks notice that by themselves
+                        if not (died and kind == "learner rank" and i == 0):
+                            self._abort(f"{kind} {i} {'died' if died else 'failed'} during {what}")
+            if not ready and time.monotonic() >= end:
+                if aborted:
+                    break
+                aborted, end = True, time.monotonic() + grace
+                self._abort(f"{what} did not finish within {self.timeout_s:.0f}s")
+        if not errors and not pending:
+            return
+        self.close()
+        problems = [f"{kind} {i} did not finish {what} within {self.timeout_s:.0f}s (hung?)"
+                    for kind, i in (who[ref] for ref in pending)]
+        problems += [f"{kind} {i} died during {what}: {e}" for (kind, i), e in errors.items()
+                     if isinstance(e, ray.exceptions.RayActorError)]
+        if not problems:  # every actor alive and answering: the errors themselves (the first one caused the others)
+            problems = [f"{kind} {i} failed {what}: {_first_line(e)}" for (kind, i), e in errors.items()]
+        raise WeightSyncError(f"weight sync (broadcast): {'; '.join(problems)}") from next(iter(errors.values()), None)
 
     def send(self) -> int:
         """One sync: every learner rank gathers, rank 0 broadcasts, every engine reloads in place."""
@@ -142,7 +185,8 @@ class BroadcastChannel:
         return len(self.layout)
 
     def close(self) -> None:
-        """Drop the group (it is reopened, on a new port, by the next send)."""
+        """Tear the group down on every member (each aborts its side; it is reopened, on a new port, by the next
+        send)."""
         self.open = False
         for a in self.learners.actors[:1]:
             a.leave_weight_group.remote()
@@ -172,11 +216,14 @@ def sync_weights(learners, pool, *, bucket_mb: float = 256, timeout_s: float = 6
         return metrics
     others: list = []
     if state is None and learners.cfg.zero_stage < 3:
-        # rank 0 holds full weights: each engine pulls the buckets itself, one ahead of its loader, so at
-        # most two buckets per engine are ever in the object store (model dtype, straight from the learner)
+        # rank 0 holds full weights: each engine pulls the buckets itself, one ahead of its loader; rank 0
+        # packs each bucket once per sync and every engine reads that one object (model dtype, straight from
+        # the learner; RolloutWorker.pull_weight_buckets, LearnerWorker.weight_bucket_ref)
         layout = learners.bucket_layout(bucket_mb)
         nbytes, n_buckets = sum(b.nbytes for b in layout), len(layout)
-        loads = [w.pull_weight_buckets.remote(learners.actors[0], [b.names for b in layout]) for w in pool.workers]
+        sync_id, names = next(_SYNC_IDS), [b.names for b in layout]
+        loads = [w.pull_weight_buckets.remote(learners.actors[0], names, sync_id, len(pool.workers))
+                 for w in pool.workers]
     else:
         if state is None:  # ZeRO-3: every rank joins each bucket's gather, so the driver submits them all
             refs, others, layout = learners.weight_buckets(bucket_mb)

@@ -2,13 +2,16 @@
 # Wheels for the GPU suite on a machine that has torch (CUDA), transformers, numpy and pytest but no network:
 # DeepSpeed's source distribution (a pure-Python build, DS_BUILD_OPS=0) and the small packages the learner
 # imports, at the versions requirements/cpu.lock pins, for the GPU machine's Python. Run here (PyPI reachable),
-# then carry the folder along (`tests/gpu/run.sh` installs from it). About 10 MiB.
-#   bash tests/gpu/prepare_wheels.sh [DEST=.cache/gpu_wheels] [PYTHON_VERSION=this interpreter's, e.g. 3.12]
+# then carry the folder along (`tests/gpu/run.sh` installs from it). Binary wheels differ by Python version: one
+# sub-folder per version (cp311, cp312 by default: this project's Python and the lent GPU machines'), about 10 MiB
+# each; run.sh picks the one of the interpreter it runs.
+#   bash tests/gpu/prepare_wheels.sh [DEST=.cache/gpu_wheels] [PYTHON_VERSIONS="3.11 3.12"]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DEST=${1:-.cache/gpu_wheels}
+ROOT_DEST=${1:-.cache/gpu_wheels}
 PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
-PYVER=${2:-$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}
+for PYVER in ${2:-3.11 3.12}; do
+DEST="$ROOT_DEST/cp${PYVER/./}"
 mkdir -p "$DEST"
 pin() { grep -iE "^$1==" requirements/cpu.lock | head -1; }
 # pure Python and binary wheels for Linux x86-64 (manylinux), no dependencies resolved: the list is explicit
@@ -22,4 +25,5 @@ $PY -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PYV
 # DeepSpeed is a source distribution: its offline build needs these (pinned here: not in the lock file)
 $PY -m pip download --quiet --no-deps --only-binary=:all: --dest "$DEST/build" setuptools==80.9.0 wheel==0.45.1
 $PY -m pip download --quiet --no-deps --no-binary=:all: --dest "$DEST" "$(pin deepspeed)"
-du -sh "$DEST"
+done
+du -sh "$ROOT_DEST"/*

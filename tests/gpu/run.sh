@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
-WHEELS=${SOFT_RL_GPU_WHEELS:-.cache/gpu_wheels}
+PYTAG=cp$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+WHEELS=${SOFT_RL_GPU_WHEELS:-.cache/gpu_wheels}/$PYTAG
 if ! $PY -c "import deepspeed, omegaconf" 2>/dev/null; then
   if [ ! -d "$WHEELS" ]; then
-    echo "tests/gpu: DeepSpeed/OmegaConf are not installed and $WHEELS is missing:" \
-         "run tests/gpu/prepare_wheels.sh where PyPI is reachable and bring the folder" >&2
+    echo "tests/gpu: DeepSpeed/OmegaConf are not installed and $WHEELS (wheels for this Python, $PYTAG) is" \
+         "missing: run tests/gpu/prepare_wheels.sh where PyPI is reachable and bring .cache/gpu_wheels along" >&2
     exit 2
   fi
   # the build tools first (DeepSpeed builds from source, offline), then everything else next to them

@@ -21,6 +21,13 @@ Engine settings that matter for correctness (set by the constructor, overridable
   next step's inputs cannot be prepared before this step's sampling has run (CPU forces it off anyway).
 * Preemption by recompute is safe: the runner restores every generated position's mixture from its
   per-position device history when the request is re-prefilled (tested with a tiny KV cache).
+* The per-step soft-thinking device work runs as ``engine_step`` says (soft_rl/engine_step.py): ``auto``
+  (CUDA graphs per row bucket on GPU, ``torch.compile`` on CPU), ``eager``, ``compiled`` or ``cuda_graph``.
+  ``prepare_params`` (the run's sampling settings) are compiled / captured at start-up, inside vLLM's memory
+  profiling; other settings on first use.
+* ``max_candidates`` right-sizes the sampler: vLLM's memory profiling runs the sampler at ``max_num_seqs`` rows
+  and this candidate width (``soft_rl.engine_state.candidates_needed`` of the run's settings; None: the whole
+  vocabulary, ~8x more memory at 152k), and a request needing more is refused with an error (``sampling_params``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, fields
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from soft_rl.engine_state import candidates_error, candidates_needed
 from soft_rl.sampling import SoftSamplingParams
 from soft_rl.trajectory import Trajectory
 
@@ -66,6 +73,14 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def _params_dict(params: SoftSamplingParams) -> dict:
+    """``params`` as a plain dict (the runner rebuilds it with ``runner.params_from_dict``)."""
+    d = asdict(params)
+    if d["noise_clamp"] is not None:
+        d["noise_clamp"] = list(d["noise_clamp"])
+    return d
+
+
 # Trajectory field <- per-step record field (SampleOutput names); other Trajectory tensor fields are
 # taken from the record field of the same name, so fields added to both in soft_rl are carried along.
 _RENAME = {"tokens": "token", "topk_ids": "ids", "logprobs": "logprob"}
@@ -91,16 +106,29 @@ class SoftEngine:
     """One vLLM engine that generates soft-thinking trajectories.
 
     ``SoftEngine(model_dir, max_k=8, max_new_tokens=..., **llm_kwargs)``; ``llm_kwargs`` go to
-    ``vllm.LLM`` (dtype, tensor_parallel_size, max_model_len, num_gpu_blocks_override, ...).
+    ``vllm.LLM`` (dtype, tensor_parallel_size, max_model_len, max_num_seqs, num_gpu_blocks_override, ...).
+    ``engine_step``: how the per-step soft work runs (``rollout.engine_step``, soft_rl/engine_step.py).
+    ``max_candidates``: the widest candidate set a request may need (``soft_rl.engine_state.candidates_needed``
+    over the run's sampling settings); the memory profiling runs the sampler at that width, and wider requests
+    are refused. None: the vocabulary. ``prepare_params``: sampling settings whose steps are compiled (captured)
+    during start-up rather than at their first step.
     """
 
     def __init__(self, model_dir: str, *, max_k: int = 8, max_new_tokens: int = 256, marker_width: int = 8,
                  density: str = "official", prefix_caching: str = PREFIX_CACHING_DEFAULT, sync_reserve_mb: int = 0,
-                 **llm_kwargs):
+                 engine_step: str = "auto", max_candidates: int | None = None,
+                 prepare_params: Sequence[SoftSamplingParams] = (), **llm_kwargs):
         from vllm import LLM
+
+        from soft_rl.engine_step import ENGINE_STEP_MODES
 
         if prefix_caching not in PREFIX_CACHING_MODES:
             raise ValueError(f"prefix_caching must be one of {PREFIX_CACHING_MODES}, got {prefix_caching!r}")
+        if engine_step not in ENGINE_STEP_MODES:
+            raise ValueError(f"engine_step must be one of {list(ENGINE_STEP_MODES)}, got {engine_step!r}")
+        if max_candidates is not None and not max_k <= max_candidates:
+            raise ValueError(f"max_candidates={max_candidates} is below max_k={max_k}: every request needs at least "
+                             "max_k candidates (soft_rl.engine_state.candidates_needed)")
         # Worker processes (multiprocess engines, TP) must import workers.vllm_soft and soft_rl.
         pp = os.environ.get("PYTHONPATH", "")
         if _ROOT not in pp.split(os.pathsep):
@@ -109,6 +137,7 @@ class SoftEngine:
         self.max_k = max_k
         self.max_new_tokens = max_new_tokens
         self.prefix_caching = prefix_caching
+        self.max_candidates = max_candidates
         cache = prefix_caching == "prompt"
         worker = "SoftCPUWorker" if _is_cpu_platform() else "SoftGPUWorker"
         kw = dict(
@@ -119,7 +148,9 @@ class SoftEngine:
             async_scheduling=False,
             additional_config={"soft_rl": {"max_k": max_k, "gen_len": max_new_tokens,
                                            "marker_width": marker_width, "density": density,
-                                           "reserve_mb": int(sync_reserve_mb)}},
+                                           "reserve_mb": int(sync_reserve_mb), "engine_step": engine_step,
+                                           "max_candidates": max_candidates,
+                                           "prepare": [_params_dict(p) for p in prepare_params]}},
         )
         if cache:
             kw["scheduler_cls"] = "workers.vllm_soft.scheduler.PromptCacheScheduler"
@@ -137,6 +168,7 @@ class SoftEngine:
         # prompt tokens and prefix-cache hits (RequestOutput.num_cached_tokens, first scheduling only)
         self._cache_counts = {"prompt_tokens": 0, "prefix_cached_tokens": 0}
         self.tokenizer = self.llm.get_tokenizer()
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self._markers: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ requests
@@ -150,9 +182,7 @@ class SoftEngine:
 
     def request_dict(self, params: SoftSamplingParams, key: str, debug_logits: bool = False) -> dict:
         """The plain dict a request carries in ``SamplingParams.extra_args["soft_rl"]``."""
-        d = asdict(params)
-        if d["noise_clamp"] is not None:
-            d["noise_clamp"] = list(d["noise_clamp"])
+        d = _params_dict(params)
         d["marker_ids"] = self.marker_ids(params.think_end)
         d["key"] = key
         d["debug_logits"] = debug_logits
@@ -170,6 +200,10 @@ class SoftEngine:
             raise ValueError(f"max_new_tokens={max_new_tokens} > the engine's {self.max_new_tokens}")
         if params.k > self.max_k:
             raise ValueError(f"k={params.k} > the engine's max_k={self.max_k}")
+        if self.max_candidates is not None:  # checked here: refused inside the engine core, it would fail the step
+            need = candidates_needed(params, self.max_k, self.vocab_size)
+            if need > self.max_candidates:
+                raise ValueError(candidates_error(params, need, self.max_candidates, self.vocab_size))
         return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False, ignore_eos=ignore_eos,
                               extra_args={"soft_rl": self.request_dict(params, key, debug_logits)})
 
@@ -236,23 +270,39 @@ class SoftEngine:
         return {**self.llm.collective_rpc("soft_stats")[0], **self._cache_counts}
 
     # ------------------------------------------------------------------ weights and cache
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load new weights (HF checkpoint names) in place; the prefix cache is reset afterwards."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], spool_mb: float = 256.0) -> int:
+        """Load new weights (HF checkpoint names) in place; the prefix cache is reset afterwards.
+
+        One in-process worker consumes the stream directly. Worker processes (TP>1, or a multiprocess engine core)
+        get it through a spool of bucket files of about ``spool_mb`` in /dev/shm (``workers.weight_spool``),
+        written on a thread of this process as the stream arrives while the workers load them in order: at most
+        two files exist at a time, each deleted once every worker has loaded it, never a whole-model file.
+        ``spool_stats`` records the last spooled sync (files, peak files on disk, bytes)."""
         items = ((n, t.detach().to("cpu").contiguous()) for n, t in named_tensors)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0" and self.num_ranks == 1:
             # one in-process worker: the loader consumes the stream lazily (one bucket resident at a time)
             n = self.llm.collective_rpc("soft_update_weights", args=(items,))[0]
-        else:  # tensors nested in collective_rpc arguments are not rebuilt across processes: go through a file
-            from safetensors.torch import save_file
+        else:  # tensors nested in collective_rpc arguments are not rebuilt across processes: spool them
+            import threading
 
-            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="soft_rl_weights_", dir=shm)
-            os.close(fd)
+            from workers.weight_spool import SpoolWriter
+
+            spool = SpoolWriter(readers=self.num_ranks, file_mb=spool_mb)
+            writer = threading.Thread(target=spool.run, args=(items,), name="soft-rl-weight-spool", daemon=True)
+            writer.start()
             try:
-                save_file(dict(items), path)  # (a copy of the weights in /dev/shm while it lasts)
-                n = self.llm.collective_rpc("soft_update_weights_from_file", args=(path,))[0]
+                n = self.llm.collective_rpc("soft_update_weights_from_spool", args=(spool.dir, self.num_ranks))[0]
+            except Exception as e:
+                if spool.error is not None:  # the stream itself failed (e.g. fetching a bucket): that is the cause
+                    raise spool.error from e
+                raise
             finally:
-                os.unlink(path)
+                spool.cancel()
+                writer.join(timeout=60)  # a writer stuck fetching its stream is left behind (a daemon)
+                spool.cleanup()
+            if spool.error is not None:
+                raise spool.error
+            self.spool_stats = dict(spool.stats)
         self.reset_prefix_cache()
         return n
 
@@ -277,8 +327,11 @@ class SoftEngine:
         self.llm.collective_rpc("soft_leave_weight_group")
 
     def sleep(self) -> None:
-        """vLLM sleep mode, level 1 (weights to host memory, KV cache dropped); needs enable_sleep_mode=True."""
-        self.llm.sleep(level=1)
+        """vLLM sleep mode, level 2 (needs enable_sleep_mode=True): the weights and the KV cache are discarded,
+        not copied to host memory as level 1 does (a pinned copy of every engine's weights, 15 GB each at 7B, for
+        nothing: every wake is followed by a full weight sync). The model's buffers (rotary tables) are kept
+        by vLLM across it; the soft state store lives outside vLLM's sleep pools and stays."""
+        self.llm.sleep(level=2)
 
     def wake_up(self) -> None:
         self.llm.wake_up()

@@ -19,12 +19,20 @@ The mixin hooks three runner methods:
     when a preempted request is re-prefilled (recompute), it is every generated position again, from
     the per-position history, so soft positions are never recomputed as plain tokens. Soft and
     discrete steps share the path (discrete steps have one-hot weights, which gives exactly E[x]).
-``_sample``         runs ``soft_rl.sampling.soft_sample`` on the gathered logits rows of the soft_rl
-    requests (with the core ``PhaseTracker`` logic for the think-end marker and budget), records the
-    step in the device history, then lets vLLM's sampler handle the batch (soft_rl requests are sent
-    as greedy so it only takes an argmax for them) and overrides their sampled ids with the emitted
-    tokens, so vLLM's bookkeeping, detokenisation and stop checks see them. Plain requests in the same
-    batch never touch the soft path: their sampling is stock vLLM.
+``_sample``         runs the engine step (``soft_rl.engine_step.EngineStep``: ``SoftStateStore.sample_step``,
+    i.e. ``soft_rl.sampling.soft_sample`` with the core ``PhaseTracker`` logic for the think-end marker and
+    budget, and the history writes) on the gathered logits rows of the soft_rl requests, then lets vLLM's
+    sampler handle the batch (soft_rl requests are sent as greedy so it only takes an argmax for them) and
+    overrides their sampled ids with the emitted tokens, so vLLM's bookkeeping, detokenisation and stop
+    checks see them. Plain requests in the same batch never touch the soft path: their sampling is stock vLLM.
+    The step runs as ``additional_config["soft_rl"]["engine_step"]`` says (``rollout.engine_step``): eager,
+    ``torch.compile``d (the CPU default), or replayed from CUDA graphs captured per row bucket and hints key
+    (the CUDA default); see soft_rl/engine_step.py.
+
+Memory profiling (``profile_run`` on GPU; ``determine_available_memory`` on CPU) builds the soft state store
+and prepares the engine step (compiles it; under cuda_graph captures the graphs of the run's own sampling
+settings, ``additional_config["soft_rl"]["prepare"]``) before vLLM's dummy forward, then runs the sampler's worst
+case at ``max_num_seqs`` rows and ``max_candidates`` candidates: vLLM sizes the KV cache around all of it.
 
 The only per-step host->device traffic is three small index vectors (rows, slots, step counters),
 built from host state vLLM already has; nothing is read back from the device per step besides what
@@ -46,6 +54,7 @@ from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from soft_rl.densities import DENSITY_MODES
 from soft_rl.engine_state import IndexStaging, SoftStateStore
+from soft_rl.engine_step import EngineStep, resolve_mode
 from soft_rl.sampling import SoftSamplingParams
 
 EXTRA_KEY = "soft_rl"  # SamplingParams.extra_args[EXTRA_KEY] = request dict (see engine.request_dict)
@@ -71,13 +80,20 @@ class SoftThinkingMixin:
         self._soft_marker_width = int(cfg.get("marker_width", 8))
         self._soft_density = cfg.get("density", "official")
         self._soft_reserve_mb = int(cfg.get("reserve_mb", 0))  # weight-sync buffers allocated after start-up
+        max_candidates = cfg.get("max_candidates")  # None: the vocabulary (every request admitted)
+        self._soft_max_candidates = None if max_candidates is None else int(max_candidates)
+        # sampling settings whose steps are compiled / captured during memory profiling (the run's own)
+        self._soft_prepare_params = [params_from_dict(d) for d in cfg.get("prepare", ())]
         if self._soft_density not in DENSITY_MODES:
             raise ValueError(f"density must be one of {DENSITY_MODES}, got {self._soft_density!r}")
+        self._soft_step_mode = resolve_mode(str(cfg.get("engine_step", "auto")), self.device)  # fails early if bad
         if self.parallel_config.pipeline_parallel_size != 1:
             raise ValueError("soft thinking needs pipeline_parallel_size=1 (sampling and inputs on one rank)")
         if not self.enable_prompt_embeds:
             raise ValueError("soft thinking needs enable_prompt_embeds=True (the model must read inputs_embeds)")
         self._soft_store: SoftStateStore | None = None  # built in memory profiling, after load_model (vocab size)
+        self._soft_step: EngineStep | None = None  # built with the store
+        self._soft_prepared = False
         self._soft_staging = IndexStaging(self.device)  # per-step index vectors, pinned on CUDA
         self._soft_slot: dict[str, int] = {}  # vLLM request id -> slot
         self._soft_meta: dict[int, dict[str, Any]] = {}  # slot -> {key, req_id}
@@ -86,26 +102,55 @@ class SoftThinkingMixin:
         self._soft_done: dict[str, dict[str, np.ndarray]] = {}  # finished, not yet fetched
         self._soft_debug: dict[str, list[torch.Tensor]] = {}  # key -> per-step raw logits (tests)
         self._soft_stats = {"soft_rl_requests": 0, "sampled_rows": 0, "mixed_inputs": 0, "restored_positions": 0,
-                            "profiled_rows": 0, "reserved_mb": 0}
+                            "profiled_rows": 0, "profiled_candidates": 0, "reserved_mb": 0,
+                            "engine_step_mode": self._soft_step_mode}
 
     def _soft_get_store(self) -> SoftStateStore:
         if self._soft_store is None:
-            slots = max(8, int(self.scheduler_config.max_num_seqs))
-            self._soft_store = SoftStateStore(slots, self._soft_gen_len, self._soft_width, self._soft_marker_width,
-                                              self.device, self.input_batch.vocab_size)
+            rows = int(self.scheduler_config.max_num_seqs)
+            self._soft_store = SoftStateStore(max(8, rows), self._soft_gen_len, self._soft_width,
+                                              self._soft_marker_width, self.device, self.input_batch.vocab_size,
+                                              max_candidates=self._soft_max_candidates)
+            self._soft_step = EngineStep(self._soft_store, self._soft_step_mode, density=self._soft_density,
+                                         max_rows=rows)
         return self._soft_store
 
+    def _soft_step_stats(self) -> dict[str, int]:
+        stats = self._soft_step.stats if self._soft_step is not None else {}
+        return {f"engine_step_{k}": v for k, v in stats.items()}
+
     def profile_run(self, *args, **kwargs) -> None:
+        self._soft_prepare()  # persistent memory first: see _soft_prepare
         super().profile_run(*args, **kwargs)
         self._soft_reserve_memory()
 
+    def _soft_prepare(self) -> None:
+        """Build the store and the engine step, and compile (cuda_graph: capture for every row bucket) the steps
+        of the run's own sampling settings (``prepare``), once. Called before vLLM's dummy forward: vLLM counts
+        what is still allocated after profiling as used and adds the transient headroom peak - allocated at
+        the end, so persistent memory (the store, the static inputs, the graph pool) allocated *after* the
+        forward's peak would be subtracted from the activations' headroom instead of added to it."""
+        if self._soft_prepared:
+            return
+        self._soft_get_store()
+        self._soft_step.prepare(self._soft_prepare_params)
+        self._soft_prepared = True
+
     def _soft_reserve_memory(self) -> None:
-        """Build the soft state and run the sampler's worst case now, inside vLLM's memory profiling
-        (GPU: ``profile_run``; CPU: before ``determine_available_memory``), so that the KV cache is sized
-        around both rather than over them (gpu-audit item 6); likewise the weight sync's buffers
-        (``reserve_mb``: its receive buckets and, for the NCCL broadcast, NCCL's own; audit item 12)."""
-        self._soft_stats["profiled_rows"] = self._soft_get_store().profile_step(int(self.scheduler_config.max_num_seqs))
-        if self._soft_reserve_mb:  # raise the measured peak by what a weight sync will need later
+        """Run the sampler's worst case now, inside vLLM's memory profiling (GPU: ``profile_run``; CPU: before
+        ``determine_available_memory``), so that the KV cache is sized around it (gpu-audit item 6): an eager
+        step of ``max_num_seqs`` rows at ``max_candidates`` candidates (``SoftStateStore.profile_step``).
+
+        Then the weight sync's buffers (``reserve_mb``: its receive buckets and, for the NCCL broadcast, NCCL's
+        own; audit item 12), allocated and freed *after* the sampler's temporaries are freed: the measured peak
+        becomes max(forward activations, sampler step, reserve) on top of the persistent memory, not their sum.
+        That is what a run needs: a sync runs between steps, when no activations or sampler temporaries are
+        alive, so the reserve only matters where it exceeds the step's transients (gpu-audit-2 item 6(b))."""
+        self._soft_prepare()
+        store = self._soft_store
+        self._soft_stats["profiled_rows"] = store.profile_step(int(self.scheduler_config.max_num_seqs))
+        self._soft_stats["profiled_candidates"] = store.max_candidates
+        if self._soft_reserve_mb:  # the peak covers at least the sync's buffers (not in addition to the above)
             reserve = torch.empty(self._soft_reserve_mb << 20, dtype=torch.uint8, device=self.device)
             del reserve
         self._soft_stats["reserved_mb"] = self._soft_reserve_mb
@@ -208,33 +253,36 @@ class SoftThinkingMixin:
             return super()._sample(logits, spec_decode_metadata)
         if spec_decode_metadata is not None:
             raise RuntimeError("soft thinking does not support speculative decoding")
-        store = self._soft_store
+        store, engine_step = self._soft_store, self._soft_step
+        n = int(rows.size)
         # the step index of each row = steps recorded so far (== len(output_token_ids), also after a
         # preemption; SoftEngine.generate checks the final counts against vLLM's outputs)
         steps = store.n_steps[slots]
-        idx = self._soft_staging("sample", rows, slots, steps)
+        all_ours = n == logits.shape[0] and rows[-1] == n - 1  # every row is a soft_rl request (rows 0..n-1)
+        # padded to the step's row bucket (cuda_graph) / at least 2 rows (compiled): padding runs the scratch slot
+        idx = self._soft_staging("sample", *engine_step.pad(rows, slots, steps))
         rows_t, slots_t, steps_t = idx[0], idx[1], idx[2]
-        if rows.size == logits.shape[0] and rows[-1] == rows.size - 1:
-            z = logits  # every row is a soft_rl request (rows are 0..n-1); soft_sample does not modify it
-        else:
-            z = logits.index_select(0, rows_t)
-        o = store.sample_step(z, slots_t, steps_t, density=self._soft_density, **store.step_hints(slots))
+        # the logits rows are passed as they are when they are exactly the step's rows (the step does not modify them)
+        o = engine_step(logits, None if all_ours and idx.shape[1] == n else rows_t, slots_t, steps_t, n,
+                        **store.step_hints(slots))
 
         store.n_steps[slots] = steps + 1
         if self._soft_debug_slots:
             for j, s in enumerate(slots.tolist()):
                 if s in self._soft_debug_slots:
-                    self._soft_debug.setdefault(self._soft_meta[s]["key"], []).append(z[j].float().cpu().clone())
-        self._soft_stats["sampled_rows"] += int(rows.size)
+                    row = logits[int(rows[j])]
+                    self._soft_debug.setdefault(self._soft_meta[s]["key"], []).append(row.float().cpu().clone())
+        self._soft_stats["sampled_rows"] += n
 
-        if z is logits and self.input_batch.sampling_metadata.max_num_logprobs is None:
+        # o's tensors may be a CUDA graph's static outputs: copied (.to(int32) / index_copy_) before the next step
+        if all_ours and self.input_batch.sampling_metadata.max_num_logprobs is None:
             # every row is ours and nobody asked for logprobs: vLLM's sampler would only take an argmax
             # that is overwritten anyway, so skip it (same output type and dtype as Sampler.forward).
             self.input_batch.update_async_output_token_ids()
             return SamplerOutput(sampled_token_ids=o.token.to(torch.int32).view(-1, 1), logprobs_tensors=None)
         out = super()._sample(logits, spec_decode_metadata)
         sampled = out.sampled_token_ids
-        sampled.index_copy_(0, rows_t, o.token.to(sampled.dtype).view(-1, 1))
+        sampled.index_copy_(0, rows_t[:n], o.token.to(sampled.dtype).view(-1, 1))
         return out
 
     # ------------------------------------------------------------------ RPC surface (via the worker)
@@ -269,8 +317,8 @@ class _SoftWorkerMethods:
         # pickled: collective_rpc (multiprocess) does not rebuild arrays nested in results
         return pickle.dumps(self.model_runner.soft_fetch(list(keys)))
 
-    def soft_stats(self) -> dict[str, int]:
-        return dict(self.model_runner._soft_stats)
+    def soft_stats(self) -> dict[str, int | str]:
+        return {**self.model_runner._soft_stats, **self.model_runner._soft_step_stats()}
 
     def soft_clear(self) -> None:
         self.model_runner.soft_clear()
@@ -300,24 +348,36 @@ class _SoftWorkerMethods:
             if tied and name.endswith("embed_tokens.weight"):
                 yield "lm_head.weight", tensor
 
-    def soft_update_weights_from_file(self, path: str) -> int:
-        from safetensors.torch import load_file
+    def soft_update_weights_from_spool(self, spool_dir: str, readers: int) -> int:
+        """In-place reload from a spool of bucket files (``workers.weight_spool``; this worker is reader
+        ``self.rank`` of ``readers``), loaded in order as the loader consumes them."""
+        from workers.weight_spool import read_spool
 
-        return self.soft_update_weights(load_file(path).items())
+        items = read_spool(spool_dir, self.rank, readers)
+        try:
+            n = self.soft_update_weights(items)
+            for _ in items:  # a loader that stopped early must still let the writer and the other readers finish
+                pass
+        finally:
+            items.close()  # unfinished: publishes the spool's ABORT now, not when the traceback is freed
+        return n
 
     # broadcast transport (workers.weight_broadcast): each worker process of the engine is one rank
     def soft_join_weight_group(self, host: str, port: int, base_rank: int, world_size: int, backend: str,
                                timeout_s: float) -> int:
-        from workers.weight_broadcast import open_group
+        from workers.weight_broadcast import close_group, open_group
 
+        close_group(getattr(self, "_soft_weight_group", None))
+        self._soft_weight_group = None
         rank = base_rank + self.rank
         self._soft_weight_group = open_group(backend, host, port, rank, world_size, timeout_s,
                                              device=getattr(self, "device", "cpu"))
         return rank
 
     def soft_receive_weights(self, layout) -> int:
-        """Receive the learner's broadcast and reload in place, bucket by bucket (streamed into the loader)."""
-        from workers.weight_broadcast import receive
+        """Receive the learner's broadcast and reload in place, bucket by bucket (streamed into the loader).
+        Any failure here (the loader's too) aborts the group, so the other ranks stop waiting for this one."""
+        from workers.weight_broadcast import abort_group, receive
 
         group = getattr(self, "_soft_weight_group", None)
         if group is None:
@@ -331,12 +391,20 @@ class _SoftWorkerMethods:
                 yield item
 
         items = stream()
-        self.reload_weights(weights_iterator=self._soft_with_tied_head(items), is_checkpoint_format=True)
-        for _ in items:  # a loader that stopped early must not leave buckets unreceived (the group would desync)
-            pass
+        try:
+            self.reload_weights(weights_iterator=self._soft_with_tied_head(items), is_checkpoint_format=True)
+            for _ in items:  # a loader that stopped early must not leave buckets unreceived (the group would desync)
+                pass
+        except BaseException as e:
+            abort_group(group, f"engine worker rank {group.rank} failed while loading: {type(e).__name__}: {e}")
+            raise
         return count
 
     def soft_leave_weight_group(self) -> None:
+        """Tear the group down explicitly (``abort``; a failed NCCL group is not left to its destructor)."""
+        from workers.weight_broadcast import close_group
+
+        close_group(getattr(self, "_soft_weight_group", None))
         self._soft_weight_group = None
 
 
