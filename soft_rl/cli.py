@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from soft_rl.toy import toy_init
 
         toy_init(args.out_dir, seed=args.seed, size=args.size, minutes=args.minutes, steps=args.steps,
-                 threads=args.threads, rebuild=args.rebuild)
+                 threads=args.threads, rebuild=args.rebuild, task=args.task)
         return 0
     if args.command == "real-init":
         from soft_rl.real_model import RealInitError, real_init
@@ -103,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
 def _add_toy_init(sub) -> None:
     t = sub.add_parser("toy-init", help="build the embedded toy task: data, tokenizer, warm-started tiny Qwen2")
     t.add_argument("out_dir", help="output directory (train.jsonl, test.jsonl, model/, toy_init.json)")
+    t.add_argument("--task", choices=["addition", "pairsum"], default="addition",
+                   help="addition: column addition with carries; pairsum: find the pair that sums to a target by "
+                   "trying pairs (a search, where pass@k can show)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--size", choices=["tiny", "default"], default="default")
     t.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap of the whole call")
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the size's recipe)")
     t.add_argument("--rebuild", action="store_true",
-                   help="train the default model here instead of copying the shipped one (soft_rl/toy/shipped/)")
+                   help="train the default model here instead of copying the shipped one (soft_rl/toy/shipped*/)")
     t.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 (default) is far faster than 2 when another process shares the 2 cores")
 

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from soft_rl.densities import DENSITIES
 from soft_rl.engine_step import ENGINE_STEP_MODES
 from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
 from soft_rl.lr_schedule import LR_SCHEDULES
@@ -121,7 +122,7 @@ class LearnerConfig:
     micro_batch_seqs: int | None = None  # also at most this many sequences per micro-batch (verl's micro-batch size)
     logit_chunk_tokens: int = 2048  # positions whose full-vocabulary logits exist at once (forward and backward)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory)
-    density: str = "official"  # official | exact
+    density: str = "official"  # official | exact | gumbel-max (soft_rl/densities.py DENSITIES)
     advantage: str = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -242,7 +243,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.head_dtype in ("float32", "model"), "model.head_dtype", "must be float32 or model")
     _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
-    _check(lr.density in ("official", "exact"), "learner.density", "must be official or exact")
+    _check(lr.density in DENSITIES, "learner.density", f"must be one of {list(DENSITIES)}")
+    _check(not r.soft or r.noise == "none" or r.noise in DENSITIES[lr.density].noises, "learner.density",
+           f"{lr.density} scores {' and '.join(DENSITIES[lr.density].noises)} noise only, but rollout.noise is "
+           f"{r.noise}")
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
     _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
     _check(lr.micro_batch_seqs is None or lr.micro_batch_seqs >= 1, "learner.micro_batch_seqs", "must be >= 1 or null")

@@ -14,12 +14,12 @@ the same inputs, which is what makes the PPO ratio exactly 1 before an update.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 NOISE_KINDS = ("gumbel", "dirichlet", "gaussian", "none")
-DENSITY_MODES = ("official", "exact")
 
 EPS_LOG = 1e-6  # the reference's floor inside log(p + 1e-6)
 GUMBEL_CLAMP = (-1.5, 3.0)  # the reference's clamp of the standard Gumbel noise
@@ -70,6 +70,108 @@ def normal_logpdf(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor
     return -0.5 * ((x - mean) / std) ** 2 - log_std - 0.5 * math.log(2.0 * math.pi)
 
 
+# ------------------------------------------------------------------------------------------ density modes
+@dataclass(frozen=True)
+class DensityMode:
+    """One way to score a soft step: ``score(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha)`` -> [...].
+
+    Every argument is float64 and broadcast against [..., K]: ``logp_hat``/``p_hat`` the softmax over the kept
+    slots (-inf / 0 outside ``valid``), ``noisy`` the stored values, ``scale`` lambda, ``clamp`` the noise's
+    (low, high) bounds or None, ``alpha`` the Dirichlet concentration scale. ``noises``: the noise kinds it can
+    score. Adding a mode: a function here, ``register_density``, and the docs (README's density table)."""
+
+    name: str
+    noises: tuple[str, ...]
+    score: Callable[..., torch.Tensor]
+
+
+DENSITIES: dict[str, DensityMode] = {}
+
+
+def register_density(name: str, noises: tuple[str, ...]):
+    def add(fn):
+        DENSITIES[name] = DensityMode(name, noises, fn)
+        return fn
+
+    return add
+
+
+@register_density("official", ("gumbel", "dirichlet", "gaussian"))
+def _official(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
+    """The reference code's learner: a masked mean of clamped per-slot log-densities.
+
+    gumbel: with mu_k = log(p-hat_k + 1e-6), g'_k = clamp(y_k - mu_k, -1.5, 3),
+        L = mean_{k: mu_k > -3} [ -g'_k - exp(-g'_k) ]   (ignores lambda and tau_g: exact only for lambda = 1)
+    dirichlet: mean_{k: p-hat_k > 0.05} clamp(log Gamma(x_k; alpha p-hat_k, 1), -5, 3)
+    gaussian: mean_{k: p-hat_k > 0.05} log N(clamp(x_k, p-hat_k +- 3 s); p-hat_k, s), s = 0.05 lambda
+        (the official learner fixes s = 0.05 whatever lambda: the same at lambda = 1, which its scripts use)."""
+    if noise == "gumbel":
+        mu = torch.log(p_hat + EPS_LOG)
+        g = noisy - mu
+        if clamp is not None:
+            # A slot whose rollout noise was clamped sits exactly on a bound at theta_old, where the
+            # clamp has a kink; float rounding would pick its side at random (and differ between
+            # two forward implementations). Convention: within CLAMP_KINK_TOL of a bound the slot
+            # is censored (value at the bound, no gradient), the one-sided derivative that
+            # treats the clamped sample as carrying no information about theta.
+            lo, hi = clamp
+            at_bound = ((g - lo).abs() < CLAMP_KINK_TOL) | ((g - hi).abs() < CLAMP_KINK_TOL)
+            g = torch.minimum(torch.maximum(g, lo), hi)
+            g = torch.where(at_bound, g.detach(), g)
+        return _masked_mean(gumbel_logpdf(g), (mu > OFFICIAL_GUMBEL_MASK) & valid)
+    if noise == "dirichlet":
+        present = valid & (noisy > 0)  # x_k = 0: a zero-probability slot the rollout left empty
+        lp = gamma_logpdf(noisy.clamp_min(1e-30), (alpha * p_hat).clamp_min(1e-30)).clamp(*DIRICHLET_LOGPDF_CLAMP)
+        return _masked_mean(lp, present & (p_hat > OFFICIAL_PROB_MASK))
+    bound = GAUSSIAN_VALUE_CLAMP * scale  # three standard deviations
+    x = torch.minimum(torch.maximum(noisy, p_hat - bound), p_hat + bound)
+    return _masked_mean(normal_logpdf(x, p_hat, GAUSSIAN_STD * scale), valid & (p_hat > OFFICIAL_PROB_MASK))
+
+
+@register_density("exact", ("gumbel", "dirichlet", "gaussian"))
+def _exact(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
+    """The joint density of the stored values, independent per slot, summed.
+
+    gumbel: y_k ~ Gumbel(loc = mu_k, scale = lambda), L = sum_k [ -z_k - exp(-z_k) - log lambda ],
+        z_k = (y_k - mu_k) / lambda (exact for unclamped noise; the rollout's clamp puts atoms at the bounds).
+    dirichlet: x_k ~ Gamma(alpha p-hat_k, 1) over the present slots (x_k > 0).
+    gaussian: x_k ~ N(p-hat_k, s^2), s = 0.05 lambda."""
+    if noise == "gumbel":
+        zz = (noisy - torch.log(p_hat + EPS_LOG)) / scale
+        return ((gumbel_logpdf(zz) - torch.log(scale)) * valid).sum(-1)
+    if noise == "dirichlet":
+        present = valid & (noisy > 0)
+        lp = gamma_logpdf(noisy.clamp_min(1e-30), (alpha * p_hat).clamp_min(1e-30))
+        return torch.where(present, lp, torch.zeros_like(lp)).sum(-1)
+    return (normal_logpdf(noisy, p_hat, GAUSSIAN_STD * scale) * valid).sum(-1)
+
+
+@register_density("gumbel-max", ("gumbel",))
+def _gumbel_max(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
+    """Rao-Blackwellised: the log-probability of the emitted slot i = argmax_k y_k under p-hat, L = log p-hat_i.
+
+    Why: the argmax of y_k = mu_k + g_k with g_k iid Gumbel is a draw of Categorical(p-hat) (the Gumbel-max
+    trick), and the mixture weights softmax(y / tau_g) are one-hot at i as tau_g -> 0. Writing the exact density
+    as f(y) = p-hat_i f(y | i), the exact score splits into grad log p-hat_i + grad log f(y | i), whose second
+    term has conditional mean 0 given i; this mode keeps the first, E[exact score | i], so its variance is the
+    discrete token score's (no per-slot term of variance 1 whatever p-hat is), at the same lean-head cost.
+
+    Bias, for the gradient of E[R] with R a function of the whole y (the mixture the model was fed):
+        E[R grad log f(y)] - E[R grad log p-hat_i] = E[R grad log f(y | i)] = E_i[ Cov(R, grad log f(y | i) | i) ],
+    zero when R depends on y only through i (tau_g -> 0), and otherwise as large as R varies with the
+    runner-up weights at a fixed emitted slot (tau_g > 0: real mixtures). The rollout's clamp of g to
+    [-1.5, 3] adds a second term: the clamped argmax is not distributed as p-hat exactly (two slots clamped at
+    the upper bound tie, and the lower bound lifts improbable slots), so E[grad log p-hat_i] != 0 under it, by
+    at most the probability that the clamp changes the argmax. Both are measured in bench/estimator_bandit.py.
+    Scored with the same stored values by rollout and learner, so the PPO ratio is exactly 1 before an update;
+    lambda and the clamp do not enter."""
+    emitted = noisy.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
+    return logp_hat.gather(-1, emitted).squeeze(-1)
+
+
+DENSITY_MODES = tuple(DENSITIES)
+
+
 def soft_logprob(
     logits_at_ids: torch.Tensor,
     noisy: torch.Tensor,
@@ -81,86 +183,39 @@ def soft_logprob(
     clamp: tuple[float | torch.Tensor, float | torch.Tensor] | None = GUMBEL_CLAMP,
     dirichlet_alpha: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """Log-probability of soft steps, shape [...], from K gathered logits [..., K] and stored values.
+    """Log-probability of soft steps, shape [...], from K gathered logits [..., K] and stored values, scored by
+    the density ``mode`` (``DENSITIES``: official, exact, gumbel-max; each function's docstring has its formula).
 
     ``logits_at_ids`` must already be divided by the sampling temperature. ``valid`` masks padding
-    slots (requests with fewer than K slots). ``noise_scale``, the clamp bounds and
-    ``dirichlet_alpha`` may be floats or per-row tensors of the batch shape [...]. Modes:
-
-    gumbel, official (the reference code): with mu_k = log(p-hat_k + 1e-6),
-        g'_k = clamp(y_k - mu_k, -1.5, 3),   L = mean_{k: mu_k > -3} [ -g'_k - exp(-g'_k) ]
-        (a masked mean, not a sum; it ignores lambda and tau_g, exact only for lambda = 1).
-    gumbel, exact: the joint density of y_k ~ Gumbel(loc = mu_k, scale = lambda), independent:
-        L = sum_k [ -z_k - exp(-z_k) - log lambda ],  z_k = (y_k - mu_k) / lambda
-        (exact for unclamped noise; the rollout's clamp puts atoms at the bounds).
-    dirichlet: x_k ~ Gamma(alpha * p-hat_k, 1); slots with x_k = 0 (zero-probability slots the
-        rollout left empty) carry no information and are excluded.
-        official: mean_{k: p-hat_k > 0.05} clamp(log Gamma(x_k; p-hat_k... ), -5, 3); exact: sum.
-    gaussian: x_k ~ N(p-hat_k, s^2), s = 0.05 lambda (the scale the noise was drawn with).
-        official: mean_{k: p-hat_k > 0.05} log N(clamp(x_k, p-hat_k +- 3 s); p-hat_k, s); exact: sum.
-        (The official learner fixes s = 0.05 whatever lambda: the same at lambda = 1.)
-
-    In both modes ``valid`` should be ``density_slots(...)``: the slots the rollout's truncation kept.
+    slots (requests with fewer than K slots) and should be ``density_slots(...)``: the slots the rollout's
+    truncation kept. ``noise_scale``, the clamp bounds and ``dirichlet_alpha`` may be floats or per-row
+    tensors of the batch shape [...]. Dirichlet slots with x_k = 0 (zero-probability slots the rollout left
+    empty) carry no information and are excluded.
     """
-    if mode not in DENSITY_MODES:
-        raise ValueError(f"density mode must be one of {DENSITY_MODES}, got {mode!r}")
+    density = density_mode(mode)
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     if noise == "none":
         raise ValueError("noise='none' (plain soft thinking) is deterministic given the logits: it has no "
                          "density and cannot be trained with SofT-GRPO; pick gumbel, dirichlet or gaussian")
+    if noise not in density.noises:
+        raise ValueError(f"density {mode!r} scores {' and '.join(density.noises)} noise only, got {noise!r}")
     out_dtype = torch.float64 if logits_at_ids.dtype == torch.float64 else torch.float32
-    return _soft_logprob64(logits_at_ids, noisy, mode, noise_scale, noise, _valid(noisy, valid), clamp,
-                           dirichlet_alpha).to(out_dtype)
-
-
-def _soft_logprob64(logits_at_ids, noisy, mode, noise_scale, noise, valid, clamp, dirichlet_alpha):
+    valid = _valid(noisy, valid)
     z = _compute_dtype(logits_at_ids).masked_fill(~valid, float("-inf"))
     logp_hat = torch.log_softmax(z, dim=-1)  # softmax over the K stored ids only
-    p_hat = torch.exp(logp_hat)
     noisy = noisy.to(z.dtype)
-    noise_scale = _per_row(noise_scale, noisy)
-    dirichlet_alpha = _per_row(dirichlet_alpha, noisy)
     if clamp is not None:
         clamp = (_per_row(clamp[0], noisy), _per_row(clamp[1], noisy))
+    return density.score(noise, logp_hat, torch.exp(logp_hat), noisy, valid, _per_row(noise_scale, noisy), clamp,
+                         _per_row(dirichlet_alpha, noisy)).to(out_dtype)
 
-    if noise == "gumbel":
-        mu = torch.log(p_hat + EPS_LOG)
-        if mode == "official":
-            g = noisy - mu
-            if clamp is not None:
-                # A slot whose rollout noise was clamped sits exactly on a bound at theta_old, where the
-                # clamp has a kink; float rounding would pick its side at random (and differ between
-                # two forward implementations). Convention: within CLAMP_KINK_TOL of a bound the slot
-                # is censored (value at the bound, no gradient), the one-sided derivative that
-                # treats the clamped sample as carrying no information about theta.
-                lo, hi = clamp
-                at_bound = ((g - lo).abs() < CLAMP_KINK_TOL) | ((g - hi).abs() < CLAMP_KINK_TOL)
-                g = torch.minimum(torch.maximum(g, lo), hi)
-                g = torch.where(at_bound, g.detach(), g)
-            return _masked_mean(gumbel_logpdf(g), (mu > OFFICIAL_GUMBEL_MASK) & valid)
-        zz = (noisy - mu) / noise_scale
-        per_slot = gumbel_logpdf(zz) - torch.log(noise_scale)
-        return (per_slot * valid).sum(-1)
 
-    if noise == "dirichlet":
-        present = valid & (noisy > 0)
-        conc = (dirichlet_alpha * p_hat).clamp_min(1e-30)
-        lp = gamma_logpdf(noisy.clamp_min(1e-30), conc)
-        if mode == "official":
-            lp = lp.clamp(*DIRICHLET_LOGPDF_CLAMP)
-            return _masked_mean(lp, present & (p_hat > OFFICIAL_PROB_MASK))
-        return torch.where(present, lp, torch.zeros_like(lp)).sum(-1)
-
-    # gaussian: x_k ~ N(p-hat_k, (0.05 lambda)^2), the scale the rollout drew with (the official learner
-    # uses 0.05 and a +-0.15 clamp whatever lambda was: equal at lambda = 1, which its scripts use).
-    std = GAUSSIAN_STD * noise_scale
-    if mode == "official":
-        bound = GAUSSIAN_VALUE_CLAMP * noise_scale  # three standard deviations
-        x = torch.minimum(torch.maximum(noisy, p_hat - bound), p_hat + bound)
-        return _masked_mean(normal_logpdf(x, p_hat, std), valid & (p_hat > OFFICIAL_PROB_MASK))
-    lp = normal_logpdf(noisy, p_hat, std)
-    return (lp * valid).sum(-1)
+def density_mode(mode: str) -> DensityMode:
+    """The registered density ``mode``, or a ValueError naming the modes there are."""
+    if mode not in DENSITIES:
+        raise ValueError(f"density mode must be one of {DENSITY_MODES}, got {mode!r}")
+    return DENSITIES[mode]
 
 
 def density_slots(valid: torch.Tensor, kept: torch.Tensor, mode: str) -> torch.Tensor:
@@ -172,8 +227,7 @@ def density_slots(valid: torch.Tensor, kept: torch.Tensor, mode: str) -> torch.T
     which drop out of its normaliser and of its mask (log(p-hat + 1e-6) > -3) by themselves. Scoring
     only the kept slots is what makes "official" equal the official learner's value and gradient on
     truncated rows (tests/test_densities.py: a literal transcription with such filler ids)."""
-    if mode not in DENSITY_MODES:
-        raise ValueError(f"density mode must be one of {DENSITY_MODES}, got {mode!r}")
+    density_mode(mode)
     return valid & kept
 
 

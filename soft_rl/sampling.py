@@ -39,6 +39,7 @@ from soft_rl.densities import (
     GAUSSIAN_STD,
     GUMBEL_CLAMP,
     NOISE_KINDS,
+    density_mode,
     density_slots,
     soft_logprob,
     soft_weights,
@@ -275,7 +276,7 @@ def soft_sample(
 
     ``generator`` gives each row's (seed, step). ``force_token`` [B] (-1 = none) makes a row emit
     that token as a discrete step (thinking budget forcing the think-end marker).
-    ``density`` picks the soft log-prob reported per step ("official" or "exact"), computed with
+    ``density`` picks the soft log-prob reported per step (a ``DENSITIES`` mode), computed with
     ``soft_logprob`` from the temperature-scaled logits at the stored ids, exactly as the learner will.
 
     ``candidates`` (the top-C width, >= K and >= every active top_k, or V) and ``kinds`` (the noise
@@ -353,8 +354,10 @@ def soft_sample(
     z_at_ids = zt.gather(1, ids)
     clamp = (params.clamp_lo, params.clamp_hi)
     for name in kinds:
-        if name == "none":
-            lp = torch.zeros_like(logprob)  # deterministic given the logits: no density
+        if name == "none" or name not in density_mode(density).noises:
+            # deterministic given the logits (none), or a kind this density does not score (an evaluation
+            # request's noise under gumbel-max): no density; the learner refuses to train such a row
+            lp = torch.zeros_like(logprob)
         else:
             lp = soft_logprob(z_at_ids, y, density, params.noise_scale, noise=name,
                               valid=density_slots(valid_sorted, kept, density),

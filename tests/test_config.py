@@ -69,6 +69,7 @@ def test_eval_sampling_defaults_to_training_sampling():
     (["learner.world_size=3"], "learner.world_size"),            # 32 trajectories over 3 ranks
     (["rollout.tau=0"], "rollout"),                               # sampler validation
     (["learner.density=joint"], "learner.density"),
+    (["learner.density=gumbel-max", "rollout.noise=dirichlet"], "learner.density"),  # scores Gumbel noise only
     (["rollout.noise=none"], "rollout.noise"),
     (["trainer.device=tpu"], "trainer.device"),
     (["learner.sync_transport=nccl"], "learner.sync_transport"),

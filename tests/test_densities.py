@@ -259,3 +259,39 @@ def test_rows_with_different_noise_settings_are_each_scored_with_their_own():
         assert torch.isfinite(grad).all()
     with pytest.raises(ValueError, match="noise='none'"):
         soft_logprob_rows(z, y, "official", RowNoise.from_settings([("none", 1.0, None, 1.0)], [12], [12]), valid)
+
+
+def test_gumbel_max_scores_the_emitted_slot_under_p_hat():
+    """gumbel-max = log p-hat_i at i = argmax_k y_k over the valid slots, p-hat the softmax of the valid logits
+    (a per-row Python loop); its gradient in the logits is onehot(i) - p-hat (closed form). Rows mix widths, and
+    an invalid slot holds the largest stored value (it must not be picked)."""
+    torch.manual_seed(2)
+    B, K = 48, 5
+    z = (torch.randn(B, K, dtype=torch.float64) * 2).requires_grad_(True)
+    y = torch.randn(B, K, dtype=torch.float64) * 3
+    valid = torch.arange(K)[None, :] < torch.randint(1, K + 1, (B, 1))
+    y = torch.where(valid, y, torch.full_like(y, 50.0))
+    lp = soft_logprob(z, y, "gumbel-max", valid=valid)
+    lp.sum().backward()
+    for b in range(B):
+        n = int(valid[b].sum())
+        i = max(range(n), key=lambda k: y[b, k].item())
+        zb = z[b, :n].detach()
+        expect = zb[i].item() - math.log(sum(math.exp(v) for v in zb.tolist()))
+        assert lp[b].item() == pytest.approx(expect, abs=1e-12)
+        grad = -torch.softmax(zb, -1)
+        grad[i] += 1.0
+        torch.testing.assert_close(z.grad[b, :n], grad, rtol=0, atol=1e-12)
+        assert (z.grad[b, n:] == 0).all()
+
+
+def test_gumbel_max_ignores_lambda_and_clamp_and_refuses_other_noise():
+    torch.manual_seed(3)
+    z, y = torch.randn(16, 4), torch.randn(16, 4)
+    base = soft_logprob(z, y, "gumbel-max")
+    torch.testing.assert_close(soft_logprob(z, y, "gumbel-max", 0.3, clamp=None), base, rtol=0, atol=0)
+    for noise in ("dirichlet", "gaussian"):
+        with pytest.raises(ValueError, match="gumbel-max.*gumbel noise only"):
+            soft_logprob(z, y.abs(), "gumbel-max", noise=noise)
+    with pytest.raises(ValueError, match="official.*exact.*gumbel-max"):
+        soft_logprob(z, y, "rao-blackwell")

@@ -23,6 +23,7 @@ import logging
 import pytest
 import torch
 
+from soft_rl.densities import DENSITY_MODES
 from soft_rl.engine_state import SoftStateStore
 from soft_rl.sampling import SoftSamplingParams
 
@@ -56,7 +57,7 @@ def _run(store, slots, step_fn, mix_fn, embed, steps=6, density="official"):
     return outs, mixes
 
 
-@pytest.mark.parametrize("density", ["official", "exact"])
+@pytest.mark.parametrize("density", DENSITY_MODES)
 def test_engine_step_compiles_without_graph_breaks_and_equals_eager(density):
     torch._dynamo.reset()
     emb = torch.nn.Embedding(V, 16)

@@ -4,13 +4,13 @@ ones) equals the naive full-vocabulary computation, values and gradients."""
 import pytest
 import torch
 
-from soft_rl.densities import density_slots
+from soft_rl.densities import DENSITY_MODES, density_slots
 from soft_rl.lean_logprobs import position_logprobs_lean
 from soft_rl.reference import build_inputs_embeds, generate, position_logprobs
 from soft_rl.sampling import SoftSamplingParams
 
 
-@pytest.mark.parametrize("density", ["official", "exact"])
+@pytest.mark.parametrize("density", DENSITY_MODES)
 def test_lean_equals_naive_values_and_gradients(tiny_hf, tiny_tokenizer, density):
     _, model = tiny_hf
     prompts = [list(tiny_tokenizer.encode(f"question {i}: 12 + {i} =")) for i in range(4)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from soft_rl.config import LearnerConfig
+from soft_rl.densities import DENSITY_MODES
 from soft_rl.losses import compute_advantages
 from soft_rl.lr_schedule import set_learning_rate
 from soft_rl.reference import generate
@@ -55,7 +56,7 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
                             weight_decay=cfg.weight_decay)
     steps = 2
     ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef, agg=cfg.loss_agg,
-                        micro_batch_seqs=cfg.micro_batch_seqs)
+                        micro_batch_seqs=cfg.micro_batch_seqs, density=cfg.density)
     # a per-step learning rate (the driver's schedule) that the learners must apply, not their cfg.lr
     lrs = [cfg.lr, 0.4 * cfg.lr]
     ref_norms = []
@@ -121,6 +122,13 @@ def test_official_micro_batch_token_mean_matches_single_process(ray_cluster, tin
 @pytest.mark.parametrize("soft", [True, False], ids=["softgrpo", "grpo"])
 def test_two_ranks_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer, zero_stage, soft):
     _compare_with_single_process(tiny_dir, tiny_tokenizer, zero_stage, soft)
+
+
+@pytest.mark.parametrize("density", [d for d in DENSITY_MODES if d != "official"])
+def test_density_modes_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer, density):
+    """The other density modes (the official one is every other test's) through 2 ZeRO-2 ranks: the learners
+    score soft steps with the configured density, as the pure-torch update does."""
+    _compare_with_single_process(tiny_dir, tiny_tokenizer, 2, True, density=density)
 
 
 def test_kl_reference_and_entropy_bonus_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer):

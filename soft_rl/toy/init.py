@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from soft_rl.toy import pairsum
 from soft_rl.toy.model import SIZES, build_model, build_tokenizer, save_hf_dir
 from soft_rl.toy.task import ToyProblem, ToyTaskConfig, make_splits
 from soft_rl.toy.warmstart import WarmStartConfig, warm_start
@@ -39,11 +40,14 @@ STAMP = "toy_init.stamp"
 REPORT = "toy_init.json"
 SHIPPED = Path(__file__).resolve().parent / "shipped"  # model/ + toy_init.json of `toy-init --rebuild` (seed 0)
 SHIPPED_SEED = 0
+TASKS = ("addition", "pairsum")  # soft_rl/toy/task.py, soft_rl/toy/pairsum.py
+SHIPPED_DIRS = {"addition": SHIPPED, "pairsum": SHIPPED.with_name("shipped_pairsum")}
+SPLITS = {"addition": make_splits, "pairsum": pairsum.make_splits}
 
 
 @dataclass(frozen=True)
 class ToyRecipe:
-    task: ToyTaskConfig
+    task: ToyTaskConfig | pairsum.PairSumConfig
     train: WarmStartConfig
     eval_problems: int
     vocab_size: int = 320
@@ -58,17 +62,37 @@ RECIPES = {
                          train=WarmStartConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, slip=0.3),
                          eval_problems=256),
 }
+# The pair-sum search: 10 to 28 pairs to try, a few tries in the rollout budget; the teacher tries pairs in a random
+# order and slips on 5% of its sums.
+PAIRSUM_RECIPES = {
+    "tiny": ToyRecipe(task=pairsum.PairSumConfig(min_numbers=3, max_numbers=4, num_train=2000, num_test=64),
+                      train=WarmStartConfig(steps=60, batch_size=32, lr=1e-2, warmup=10), eval_problems=16),
+    "default": ToyRecipe(task=pairsum.PairSumConfig(),
+                         train=WarmStartConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, slip=0.05),
+                         eval_problems=256),
+}
 
 
-def args_hash(seed: int, size: str, minutes: float, steps: int | None, threads: int = 1) -> str:
+def recipe_for(task: str, size: str) -> ToyRecipe:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    recipes = RECIPES if task == "addition" else PAIRSUM_RECIPES
+    if size not in recipes:
+        raise ValueError(f"size must be one of {sorted(recipes)}, got {size!r}")
+    return recipes[size]
+
+
+def args_hash(seed: int, size: str, minutes: float, steps: int | None, threads: int = 1,
+              task: str = "addition") -> str:
     blob = json.dumps({"version": TOY_VERSION, "seed": seed, "size": size, "minutes": minutes, "steps": steps,
-                       "threads": threads,
-                       "recipe": dataclasses.asdict(RECIPES[size]), "model": dataclasses.asdict(SIZES[size])},
+                       "threads": threads, **({} if task == "addition" else {"task": task}),
+                       "recipe": dataclasses.asdict(recipe_for(task, size)),
+                       "model": dataclasses.asdict(SIZES[size])},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_jsonl(path: Path, problems: list[ToyProblem]) -> None:
+def write_jsonl(path: Path, problems: list[ToyProblem] | list[pairsum.PairSumProblem]) -> None:
     with path.open("w") as f:
         for p in problems:
             f.write(json.dumps(p.row()) + "\n")
@@ -94,14 +118,17 @@ def heldout_accuracy(model, tokenizer, problems: list[ToyProblem], mode: str, se
     return sum(reward(s[0].text, p.answer) for s, p in zip(samples, problems, strict=True)) / len(problems)
 
 
-def shipped_model_dir() -> Path | None:
-    """The warm-started default model shipped with soft-rl (``soft_rl/toy/shipped/``), or None."""
-    return SHIPPED if (SHIPPED / "model" / "model.safetensors").is_file() else None
+def shipped_model_dir(task: str = "addition") -> Path | None:
+    """The warm-started default model of ``task`` shipped with soft-rl (``soft_rl/toy/shipped/`` for addition,
+    ``shipped_pairsum/``), or None."""
+    d = SHIPPED_DIRS[task]
+    return d if (d / "model" / "model.safetensors").is_file() else None
 
 
-def _use_shipped(out: Path, seed: int, t0: float, log: Callable[[str], None]) -> dict:
+def _use_shipped(out: Path, seed: int, t0: float, log: Callable[[str], None], task: str = "addition") -> dict:
     """Data from the task's seed plus a copy of the shipped model: the same start on every machine."""
-    digest = "shipped-" + hashlib.sha256((SHIPPED / "model" / "model.safetensors").read_bytes()).hexdigest()[:16]
+    shipped = SHIPPED_DIRS[task]
+    digest = "shipped-" + hashlib.sha256((shipped / "model" / "model.safetensors").read_bytes()).hexdigest()[:16]
     stamp, report_path = out / STAMP, out / REPORT
     if stamp.exists() and stamp.read_text().strip() == digest and report_path.exists():
         report = {**json.loads(report_path.read_text()), "cached": True}
@@ -110,12 +137,12 @@ def _use_shipped(out: Path, seed: int, t0: float, log: Callable[[str], None]) ->
         return report
     stamp.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = make_splits(seed, RECIPES["default"].task)
+    train, test = SPLITS[task](seed, recipe_for(task, "default").task)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
     shutil.rmtree(out / "model", ignore_errors=True)
-    shutil.copytree(SHIPPED / "model", out / "model")
-    report = {**json.loads((SHIPPED / REPORT).read_text()), "source": "shipped", "args_hash": digest,
+    shutil.copytree(shipped / "model", out / "model")
+    report = {**json.loads((shipped / REPORT).read_text()), "source": "shipped", "args_hash": digest,
               "model_dir": str(out / "model"), "train_file": str(out / "train.jsonl"),
               "test_file": str(out / "test.jsonl"), "wall_seconds": time.time() - t0, "cached": False}
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -128,7 +155,7 @@ def _use_shipped(out: Path, seed: int, t0: float, log: Callable[[str], None]) ->
 
 def toy_init(out_dir: str | Path, seed: int = 0, size: str = "default", minutes: float = 20.0,
              steps: int | None = None, threads: int = 1, log: Callable[[str], None] = print,
-             rebuild: bool = False) -> dict:
+             rebuild: bool = False, task: str = "addition") -> dict:
     """Build (or reuse) the toy task in ``out_dir``; returns the report (also saved as toy_init.json).
 
     The default task (seed 0, size "default", the recipe's steps) uses the model shipped in
@@ -138,13 +165,12 @@ def toy_init(out_dir: str | Path, seed: int = 0, size: str = "default", minutes:
     ``steps`` overrides the recipe's number of training steps. ``threads`` is torch's CPU thread count
     (part of the cache key: float reductions, hence the weights, may depend on it).
     """
-    if size not in RECIPES:
-        raise ValueError(f"size must be one of {sorted(RECIPES)}, got {size!r}")
+    recipe = recipe_for(task, size)
     t0 = time.time()
     out = Path(out_dir)
-    if not rebuild and seed == SHIPPED_SEED and size == "default" and steps is None and shipped_model_dir():
-        return _use_shipped(out, seed, t0, log)
-    digest = args_hash(seed, size, minutes, steps, threads)
+    if not rebuild and seed == SHIPPED_SEED and size == "default" and steps is None and shipped_model_dir(task):
+        return _use_shipped(out, seed, t0, log, task)
+    digest = args_hash(seed, size, minutes, steps, threads, task)
     stamp, report_path = out / STAMP, out / REPORT
     if stamp.exists() and stamp.read_text().strip() == digest and report_path.exists() \
             and (out / "model" / "config.json").exists():
@@ -158,9 +184,8 @@ def toy_init(out_dir: str | Path, seed: int = 0, size: str = "default", minutes:
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        recipe = RECIPES[size]
         train_cfg = dataclasses.replace(recipe.train, steps=steps if steps is not None else recipe.train.steps)
-        train, test = make_splits(seed, recipe.task)
+        train, test = SPLITS[task](seed, recipe.task)
         write_jsonl(out / "train.jsonl", train)
         write_jsonl(out / "test.jsonl", test)
         tokenizer = build_tokenizer(corpus(train[:5000]), vocab_size=recipe.vocab_size)
@@ -179,7 +204,8 @@ def toy_init(out_dir: str | Path, seed: int = 0, size: str = "default", minutes:
         acc_soft = heldout_accuracy(model, tokenizer, held, "soft", seed)
         acc_discrete = heldout_accuracy(model, tokenizer, held, "discrete", seed)
         report = {
-            "args": {"seed": seed, "size": size, "minutes": minutes, "steps": steps, "threads": threads},
+            "args": {"seed": seed, "size": size, "minutes": minutes, "steps": steps, "threads": threads,
+                     "task": task},
             "args_hash": digest,
             "version": TOY_VERSION, "model_dir": str(out / "model"), "train_file": str(out / "train.jsonl"),
             "test_file": str(out / "test.jsonl"), "num_params": n_params, "vocab_size": len(tokenizer),

@@ -1,0 +1,129 @@
+"""The second toy task: find the one pair of numbers that adds up to a target, by trying pairs.
+
+A problem is a list of distinct two-digit numbers and a target that exactly one pair of them sums to. The
+chain of thought tries pairs, one line each, until a written sum equals the target:
+
+    Which two of 23 41 17 58 36 add up to 64?   ->   <think>
+                                                     23+17=40
+                                                     41+58=99
+                                                     23+41=64
+                                                     </think>
+                                                     \\boxed{23+41}
+
+Each line is a choice among the pairs not tried yet, which is what soft thinking claims to help with: keeping
+several candidate paths open instead of committing to one. The teacher tries the pairs in a random order (fresh
+at every visit), so the warm-started model guesses; the rollout budget (``rollout.max_new_tokens``) allows only a
+few tries, so a guess that finds the pair early is what the reward pays for, and problems with more numbers
+(more pairs) stay hard: pass@k grows with k and does not reach 1 at once. The answer names the pair in list
+order (``a+b`` with a before b in the question), checked exactly (the ``toy`` reward).
+
+The teacher may slip (``worked``'s ``slip``): a written sum is off by one with that probability, and the search
+goes on from what was written (a slipped line can hide the right pair, or stop on a wrong one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+from soft_rl.data import build_user_prompt
+
+THINK_END = "</think>"
+
+
+@dataclass(frozen=True)
+class PairSumProblem:
+    numbers: tuple[int, ...]
+    target: int
+
+    @property
+    def question(self) -> str:
+        return f"Which two of {' '.join(map(str, self.numbers))} add up to {self.target}?"
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Index pairs (i < j), in list order."""
+        return list(itertools.combinations(range(len(self.numbers)), 2))
+
+    def solution(self) -> tuple[int, int]:
+        hits = [(i, j) for i, j in self.pairs() if self.numbers[i] + self.numbers[j] == self.target]
+        if len(hits) != 1:
+            raise ValueError(f"{self.question} has {len(hits)} solutions, not one")
+        return hits[0]
+
+    def _name(self, pair: tuple[int, int]) -> str:
+        return f"{self.numbers[pair[0]]}+{self.numbers[pair[1]]}"
+
+    @property
+    def answer(self) -> str:
+        return self._name(self.solution())
+
+    def worked(self, rnd: random.Random | None = None, slip: float = 0.0) -> tuple[str, str]:
+        """(the tried lines ``a+b=s``, the answer they lead to). Without ``rnd`` the pairs are tried in list
+        order; with it in a random order, each written sum off by one with probability ``slip``. The search
+        stops at the first written sum equal to the target; when none is, the answer is the last pair tried."""
+        order = self.pairs()
+        if rnd is not None:
+            rnd.shuffle(order)
+        lines = []
+        for pair in order:
+            s = self.numbers[pair[0]] + self.numbers[pair[1]]
+            if rnd is not None and slip > 0 and rnd.random() < slip:
+                s += rnd.choice((-1, 1))
+            lines.append(f"{self._name(pair)}={s}")
+            if s == self.target:
+                return "\n".join(lines), self._name(pair)
+        return "\n".join(lines), self._name(order[-1])
+
+    def thought(self) -> str:
+        return self.worked(None)[0]
+
+    def response(self, rnd: random.Random | None = None, slip: float = 0.0) -> str:
+        lines, answer = self.worked(rnd, slip)
+        return f"{lines}\n{THINK_END}\n\\boxed{{{answer}}}"
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": build_user_prompt(self.question)}]
+
+    def row(self) -> dict:
+        return {"prompt": self.messages(), "answer": self.answer, "data_source": "toy_pairsum",
+                "solution": self.response(), "numbers": list(self.numbers), "target": self.target}
+
+
+@dataclass(frozen=True)
+class PairSumConfig:
+    min_numbers: int = 5
+    max_numbers: int = 8
+    low: int = 10
+    high: int = 99
+    num_train: int = 20000
+    num_test: int = 500
+
+
+def sample_problem(rnd: random.Random, cfg: PairSumConfig) -> PairSumProblem:
+    """Distinct numbers in [low, high], a random pair's sum as the target, redrawn until no other pair hits it."""
+    while True:
+        m = rnd.randint(cfg.min_numbers, cfg.max_numbers)
+        numbers = tuple(rnd.sample(range(cfg.low, cfg.high + 1), m))
+        i, j = sorted(rnd.sample(range(m), 2))
+        target = numbers[i] + numbers[j]
+        if sum(numbers[a] + numbers[b] == target for a, b in itertools.combinations(range(m), 2)) == 1:
+            return PairSumProblem(numbers, target)
+
+
+def make_splits(seed: int, cfg: PairSumConfig) -> tuple[list[PairSumProblem], list[PairSumProblem]]:
+    """(train, test): distinct problems, no test problem in train, deterministic for ``seed``."""
+    rnd = random.Random(f"toy-pairsum-{seed}")
+    seen: set[PairSumProblem] = set()
+
+    def draw(n: int) -> list[PairSumProblem]:
+        out = []
+        while len(out) < n:
+            p = sample_problem(rnd, cfg)
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+        return out
+
+    test = draw(cfg.num_test)
+    return draw(cfg.num_train), test

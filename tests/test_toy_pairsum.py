@@ -1,0 +1,100 @@
+"""The pair-sum search task: one solution per problem, searches that end where the written sums say, the toy
+reward on its answers, disjoint deterministic splits, and ``toy-init --task pairsum``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from soft_rl.data import load_problems
+from soft_rl.rewards import get_reward
+from soft_rl.toy.init import args_hash, recipe_for, shipped_model_dir, toy_init
+from soft_rl.toy.pairsum import PairSumConfig, PairSumProblem, make_splits
+
+SMALL = PairSumConfig(num_train=600, num_test=60)
+toy_reward = get_reward("toy")
+
+
+def _sums(problem: PairSumProblem) -> list[tuple[int, int, int]]:
+    return [(problem.numbers[i], problem.numbers[j], problem.numbers[i] + problem.numbers[j])
+            for i, j in itertools.combinations(range(len(problem.numbers)), 2)]
+
+
+def test_every_problem_has_exactly_one_pair_and_the_answer_names_it_in_list_order():
+    train, test = make_splits(0, SMALL)
+    sizes = set()
+    for p in train + test:
+        hits = [(a, b) for a, b, s in _sums(p) if s == p.target]
+        assert len(hits) == 1, p
+        assert p.answer == f"{hits[0][0]}+{hits[0][1]}"
+        assert len(set(p.numbers)) == len(p.numbers) and all(10 <= n <= 99 for n in p.numbers)
+        sizes.add(len(p.numbers))
+    assert sizes == set(range(SMALL.min_numbers, SMALL.max_numbers + 1))  # every list size occurs
+
+
+def test_splits_are_deterministic_distinct_and_disjoint():
+    train, test = make_splits(3, SMALL)
+    assert (train, test) == make_splits(3, SMALL)
+    assert len(set(train)) == len(train) and len(set(test)) == len(test) and not set(train) & set(test)
+    assert make_splits(4, SMALL)[1] != test
+
+
+def test_a_clean_search_ends_at_the_pair_and_the_toy_reward_pays_it():
+    rnd = random.Random(0)
+    for p in make_splits(1, SMALL)[1]:
+        lines, answer = p.worked(rnd, 0.0)
+        tried = [line.split("=") for line in lines.split("\n")]
+        assert all(int(eval(expr)) == int(s) for expr, s in tried)  # noqa: S307 - digits and '+' only
+        assert int(tried[-1][1]) == p.target and answer == p.answer
+        assert all(int(s) != p.target for _, s in tried[:-1])
+        assert len({expr for expr, _ in tried}) == len(tried)  # no pair twice
+        assert toy_reward(p.response(rnd), p.answer) == 1.0
+        assert toy_reward(p.response(rnd).replace(p.answer, p.answer[::-1]), p.answer) == 0.0
+
+
+def test_a_sloppy_search_slips_at_its_rate_and_follows_what_it_wrote():
+    rnd = random.Random(2)
+    lines_total = slips = wrong = 0
+    problems = make_splits(2, PairSumConfig(num_train=10, num_test=3000))[1]
+    for p in problems:
+        lines, answer = p.worked(rnd, 0.2)
+        tried = [line.split("=") for line in lines.split("\n")]
+        off = [int(s) - int(eval(expr)) for expr, s in tried]  # noqa: S307
+        assert set(off) <= {-1, 0, 1}
+        lines_total += len(off)
+        slips += sum(o != 0 for o in off)
+        hit = [k for k, (_, s) in enumerate(tried) if int(s) == p.target]
+        # the search stops at the first written sum equal to the target, and answers that pair (right or not)
+        assert hit == ([len(tried) - 1] if hit else []) and (not hit or answer == tried[-1][0])
+        wrong += answer != p.answer
+    assert abs(slips / lines_total - 0.2) < 0.02, slips / lines_total
+    assert 0.05 < wrong / len(problems) < 0.5  # slips do hide the pair or stop on a wrong one, not always
+
+
+def test_args_hash_names_the_task_and_keeps_the_addition_hash():
+    assert args_hash(0, "tiny", 1.0, 30) == args_hash(0, "tiny", 1.0, 30, 1, "addition")
+    assert args_hash(0, "tiny", 1.0, 30, 1, "pairsum") != args_hash(0, "tiny", 1.0, 30)
+    with pytest.raises(ValueError, match="task must be one of"):
+        recipe_for("countdown", "tiny")
+
+
+def test_toy_init_builds_the_pairsum_task(tmp_path):
+    report = toy_init(tmp_path / "ps", size="tiny", minutes=1.0, steps=30, task="pairsum", log=lambda s: None)
+    assert report["args"]["task"] == "pairsum" and report["warm_start"]["steps"] == 30
+    assert report["warm_start"]["final_loss"] < 0.6 * report["warm_start"]["first_loss"]
+    rows = [json.loads(line) for line in (tmp_path / "ps" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and all(r["data_source"] == "toy_pairsum" for r in rows)
+    problems = load_problems(tmp_path / "ps" / "test.jsonl").problems
+    assert [p.answer for p in problems] == [p.answer for p in make_splits(0, recipe_for("pairsum", "tiny").task)[1]]
+
+
+@pytest.mark.skipif(shipped_model_dir("pairsum") is None, reason="the pairsum warm start is not shipped yet")
+def test_default_pairsum_toy_init_copies_the_shipped_model(tmp_path):
+    d = shipped_model_dir("pairsum")
+    report = toy_init(tmp_path / "ps", task="pairsum", log=lambda s: None)
+    assert report["source"] == "shipped"
+    for f in (d / "model").iterdir():
+        assert (tmp_path / "ps" / "model" / f.name).read_bytes() == f.read_bytes(), f.name
