@@ -49,7 +49,7 @@ ARMS = {
 # task -> (its toy-init directory under .cache, its preset overrides, its generation budget)
 TASKS = {
     "addition": ("toy", [], 64),
-    "pairsum": ("toy_pairsum", ["rollout.max_new_tokens=48"], 48),
+    "pairsum": ("toy_pairsum", ["rollout.max_new_tokens=72"], 72),
 }
 DECODINGS = ("soft", "discrete")
 

@@ -134,7 +134,10 @@ def test_density_modes_match_single_process(ray_cluster, tiny_dir, tiny_tokenize
 def test_kl_reference_and_entropy_bonus_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer):
     """ZeRO-3 with the frozen reference model (k3 KL) and an entropy bonus, SofT-GRPO."""
     kls, _ = _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, kl_coef=0.05, entropy_coef=0.01)
-    assert kls[0] == 0.0 and min(kls[1:]) > 0  # KL to the reference is 0 before the first step, then grows
+    # Before the first step the policy and the reference hold the same weights: their float32 log-probs differ
+    # only by the two forwards' rounding (|d| ~ 1e-7), and the k3 estimate expm1(d) - d ~ d^2 / 2 is ~1e-14 at
+    # most; after a step (lr 1e-3) it is orders of magnitude above that.
+    assert 0.0 <= kls[0] < 1e-12 and min(kls[1:]) > 1e-8, kls
 
 
 @pytest.mark.parametrize("zero_stage,offload", [(2, dict(offload_optimizer=True)),

@@ -264,8 +264,11 @@ def test_two_step_train_syncs_and_its_export_reloads_equal(ray_cluster, smol, sm
         got = eng.generate(ps, params, max_new_tokens=24)
     finally:
         eng.shutdown()
-    ref = generate(exported, ps, params, max_new_tokens=24, eos_token_ids=[tok.eos_token_id], tokenizer=tok, width=5)
-    for a, b in zip(got, ref, strict=True):
-        k = a.sampling.k
-        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.topk_ids[:, :k], b.topk_ids[:, :k])
-        torch.testing.assert_close(a.noisy[:, :k], b.noisy[:, :k], atol=1e-4, rtol=0)
+    # the engine on the export against the float64 trajectory of the same weights, within the error model of
+    # tests/test_vllm_soft.py (assert_same: ids exact, values within M x the trajectory's own sensitivity), and
+    # the HF float32 reference under the same bound (a fixed 1e-4 failed once at 1.04e-4 on these weights)
+    from tests.test_vllm_soft import assert_same, exact_reference
+
+    ref = exact_reference({"tokenizer": tok, "smol": (None, exported)}, "smol", ps, params, steps=24)
+    assert_same(ref.hf32, ref, "exported model, HF float32")
+    assert_same(got, ref, "exported model in the engine")

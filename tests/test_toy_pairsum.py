@@ -11,8 +11,8 @@ import pytest
 
 from soft_rl.data import load_problems
 from soft_rl.rewards import get_reward
-from soft_rl.toy.init import args_hash, recipe_for, shipped_model_dir, toy_init
-from soft_rl.toy.pairsum import PairSumConfig, PairSumProblem, make_splits
+from soft_rl.toy.init import args_hash, recipe_for, toy_init
+from soft_rl.toy.pairsum import MAX_TRIES, PairSumConfig, PairSumProblem, make_splits
 
 SMALL = PairSumConfig(num_train=600, num_test=60)
 toy_reward = get_reward("toy")
@@ -42,36 +42,48 @@ def test_splits_are_deterministic_distinct_and_disjoint():
     assert make_splits(4, SMALL)[1] != test
 
 
-def test_a_clean_search_ends_at_the_pair_and_the_toy_reward_pays_it():
+def _lines(lines: str) -> list[tuple[str, int, str]]:
+    """(pair expression, written sum, verdict) per tried line ``a+b=s yes|no``."""
+    out = []
+    for line in lines.split("\n"):
+        expr, rest = line.split("=")
+        written, verdict = rest.split(" ")
+        out.append((expr, int(written), verdict))
+    return out
+
+
+def test_a_clean_search_checks_each_sum_and_stops_at_the_pair_or_after_max_tries():
     rnd = random.Random(0)
+    found = 0
     for p in make_splits(1, SMALL)[1]:
         lines, answer = p.worked(rnd, 0.0)
-        tried = [line.split("=") for line in lines.split("\n")]
-        assert all(int(eval(expr)) == int(s) for expr, s in tried)  # noqa: S307 - digits and '+' only
-        assert int(tried[-1][1]) == p.target and answer == p.answer
-        assert all(int(s) != p.target for _, s in tried[:-1])
-        assert len({expr for expr, _ in tried}) == len(tried)  # no pair twice
-        assert toy_reward(p.response(rnd), p.answer) == 1.0
-        assert toy_reward(p.response(rnd).replace(p.answer, p.answer[::-1]), p.answer) == 0.0
+        tried = _lines(lines)
+        assert all(sum(map(int, expr.split("+"))) == s for expr, s, _ in tried)  # clean: every sum right
+        assert all((v == "yes") == (s == p.target) for _, s, v in tried)  # the verdict compares with the target
+        assert len({expr for expr, _, _ in tried}) == len(tried) <= MAX_TRIES  # no pair twice, at most MAX_TRIES
+        hit = tried[-1][2] == "yes"
+        assert answer == tried[-1][0] and (answer == p.answer) == hit and (hit or len(tried) == MAX_TRIES)
+        assert toy_reward(f"{lines}\n</think>\n\\boxed{{{answer}}}", p.answer) == float(hit)
+        found += hit
+    # five tries among 10-36 pairs: the clean teacher finds the pair in about a quarter of the problems
+    assert 0.1 < found / len(make_splits(1, SMALL)[1]) < 0.6
 
 
 def test_a_sloppy_search_slips_at_its_rate_and_follows_what_it_wrote():
     rnd = random.Random(2)
-    lines_total = slips = wrong = 0
+    lines_total = slips = 0
     problems = make_splits(2, PairSumConfig(num_train=10, num_test=3000))[1]
     for p in problems:
         lines, answer = p.worked(rnd, 0.2)
-        tried = [line.split("=") for line in lines.split("\n")]
-        off = [int(s) - int(eval(expr)) for expr, s in tried]  # noqa: S307
+        tried = _lines(lines)
+        off = [s - sum(map(int, expr.split("+"))) for expr, s, _ in tried]
         assert set(off) <= {-1, 0, 1}
         lines_total += len(off)
         slips += sum(o != 0 for o in off)
-        hit = [k for k, (_, s) in enumerate(tried) if int(s) == p.target]
-        # the search stops at the first written sum equal to the target, and answers that pair (right or not)
-        assert hit == ([len(tried) - 1] if hit else []) and (not hit or answer == tried[-1][0])
-        wrong += answer != p.answer
+        # the verdict follows the written sum; the search stops at the first "yes", answering that pair
+        assert all((v == "yes") == (s == p.target) for _, s, v in tried)
+        assert [v for _, _, v in tried[:-1]] == ["no"] * (len(tried) - 1) and answer == tried[-1][0]
     assert abs(slips / lines_total - 0.2) < 0.02, slips / lines_total
-    assert 0.05 < wrong / len(problems) < 0.5  # slips do hide the pair or stop on a wrong one, not always
 
 
 def test_args_hash_names_the_task_and_keeps_the_addition_hash():
@@ -89,12 +101,3 @@ def test_toy_init_builds_the_pairsum_task(tmp_path):
     assert len(rows) == 64 and all(r["data_source"] == "toy_pairsum" for r in rows)
     problems = load_problems(tmp_path / "ps" / "test.jsonl").problems
     assert [p.answer for p in problems] == [p.answer for p in make_splits(0, recipe_for("pairsum", "tiny").task)[1]]
-
-
-@pytest.mark.skipif(shipped_model_dir("pairsum") is None, reason="the pairsum warm start is not shipped yet")
-def test_default_pairsum_toy_init_copies_the_shipped_model(tmp_path):
-    d = shipped_model_dir("pairsum")
-    report = toy_init(tmp_path / "ps", task="pairsum", log=lambda s: None)
-    assert report["source"] == "shipped"
-    for f in (d / "model").iterdir():
-        assert (tmp_path / "ps" / "model" / f.name).read_bytes() == f.read_bytes(), f.name

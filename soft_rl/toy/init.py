@@ -43,6 +43,7 @@ SHIPPED_SEED = 0
 TASKS = ("addition", "pairsum")  # soft_rl/toy/task.py, soft_rl/toy/pairsum.py
 SHIPPED_DIRS = {"addition": SHIPPED, "pairsum": SHIPPED.with_name("shipped_pairsum")}
 SPLITS = {"addition": make_splits, "pairsum": pairsum.make_splits}
+BUDGETS = {"addition": 64, "pairsum": 72}  # generated tokens that hold a whole response (the evaluation's budget)
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,13 @@ RECIPES = {
                          train=WarmStartConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, slip=0.3),
                          eval_problems=256),
 }
-# The pair-sum search: 10 to 28 pairs to try, a few tries in the rollout budget; the teacher tries pairs in a random
-# order and slips on 5% of its sums.
+# The pair-sum search: 10 to 36 pairs, five tries (pairsum.MAX_TRIES); the teacher tries pairs in a random order and
+# slips on 5% of its sums.
 PAIRSUM_RECIPES = {
     "tiny": ToyRecipe(task=pairsum.PairSumConfig(min_numbers=3, max_numbers=4, num_train=2000, num_test=64),
                       train=WarmStartConfig(steps=60, batch_size=32, lr=1e-2, warmup=10), eval_problems=16),
     "default": ToyRecipe(task=pairsum.PairSumConfig(),
-                         train=WarmStartConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, slip=0.05),
+                         train=WarmStartConfig(steps=2000, batch_size=64, lr=3e-3, warmup=50, slip=0.05),
                          eval_problems=256),
 }
 
@@ -201,8 +202,8 @@ def toy_init(out_dir: str | Path, seed: int = 0, size: str = "default", minutes:
         save_hf_dir(model, tokenizer, out / "model")
         t1 = time.time()
         held = test[: recipe.eval_problems]
-        acc_soft = heldout_accuracy(model, tokenizer, held, "soft", seed)
-        acc_discrete = heldout_accuracy(model, tokenizer, held, "discrete", seed)
+        acc_soft = heldout_accuracy(model, tokenizer, held, "soft", seed, BUDGETS[task])
+        acc_discrete = heldout_accuracy(model, tokenizer, held, "discrete", seed, BUDGETS[task])
         report = {
             "args": {"seed": seed, "size": size, "minutes": minutes, "steps": steps, "threads": threads,
                      "task": task},
@@ -213,7 +214,8 @@ def toy_init(out_dir: str | Path, seed: int = 0, size: str = "default", minutes:
             "warm_start": {**dataclasses.asdict(train_cfg), **train_log},
             "eval_problems": len(held), "heldout_accuracy_soft": acc_soft,
             "heldout_accuracy_discrete": acc_discrete, "eval_seconds": time.time() - t1,
-            "eval_settings": "T=1.0 top_k=5 top_p=0.95 K=5 tau_g=0.1 gumbel, 1 sample/problem, toy reward",
+            "eval_settings": "T=1.0 top_k=5 top_p=0.95 K=5 tau_g=0.1 gumbel, 1 sample/problem, toy reward, "
+                             f"{BUDGETS[task]} new tokens",
             "wall_seconds": time.time() - t0, "cached": False, "source": "built",
             "built_on": f"{_processor()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         }

@@ -1,24 +1,25 @@
 """The second toy task: find the one pair of numbers that adds up to a target, by trying pairs.
 
 A problem is a list of distinct two-digit numbers and a target that exactly one pair of them sums to. The
-chain of thought tries pairs, one line each, until a written sum equals the target:
+chain of thought tries pairs, one line each, checking each written sum against the target, until one fits
+or ``MAX_TRIES`` pairs have been tried:
 
     Which two of 23 41 17 58 36 add up to 64?   ->   <think>
-                                                     23+17=40
-                                                     41+58=99
-                                                     23+41=64
+                                                     23+17=40 no
+                                                     41+58=99 no
+                                                     23+41=64 yes
                                                      </think>
                                                      \\boxed{23+41}
 
 Each line is a choice among the pairs not tried yet, which is what soft thinking claims to help with: keeping
 several candidate paths open instead of committing to one. The teacher tries the pairs in a random order (fresh
-at every visit), so the warm-started model guesses; the rollout budget (``rollout.max_new_tokens``) allows only a
-few tries, so a guess that finds the pair early is what the reward pays for, and problems with more numbers
-(more pairs) stay hard: pass@k grows with k and does not reach 1 at once. The answer names the pair in list
-order (``a+b`` with a before b in the question), checked exactly (the ``toy`` reward).
+at every visit), so the warm-started model guesses; with 10 to 36 pairs and five tries, a guess that finds the
+pair early is what the reward pays for, and problems with more numbers stay hard: pass@k grows with k and does
+not reach 1 at once. After ``MAX_TRIES`` misses the teacher answers its last pair (wrong). The answer names the
+pair in list order (``a+b`` with a before b in the question), checked exactly (the ``toy`` reward).
 
-The teacher may slip (``worked``'s ``slip``): a written sum is off by one with that probability, and the search
-goes on from what was written (a slipped line can hide the right pair, or stop on a wrong one).
+The teacher may slip (``worked``'s ``slip``): a written sum is off by one with that probability, and the check
+follows what was written (a slipped line can hide the right pair, or stop on a wrong one).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from soft_rl.data import build_user_prompt
 
 THINK_END = "</think>"
+MAX_TRIES = 5  # pairs the chain of thought tries before it gives up (about 60 tokens: the rollout budget is 72)
 
 
 @dataclass(frozen=True)
@@ -59,21 +61,22 @@ class PairSumProblem:
         return self._name(self.solution())
 
     def worked(self, rnd: random.Random | None = None, slip: float = 0.0) -> tuple[str, str]:
-        """(the tried lines ``a+b=s``, the answer they lead to). Without ``rnd`` the pairs are tried in list
-        order; with it in a random order, each written sum off by one with probability ``slip``. The search
-        stops at the first written sum equal to the target; when none is, the answer is the last pair tried."""
+        """(the tried lines ``a+b=s yes|no``, the answer they lead to). Without ``rnd`` the pairs are tried in
+        list order; with it in a random order, each written sum off by one with probability ``slip``. The search
+        stops at the first written sum equal to the target, or after ``MAX_TRIES`` lines, answering the last
+        pair tried."""
         order = self.pairs()
         if rnd is not None:
             rnd.shuffle(order)
         lines = []
-        for pair in order:
+        for pair in order[:MAX_TRIES]:
             s = self.numbers[pair[0]] + self.numbers[pair[1]]
             if rnd is not None and slip > 0 and rnd.random() < slip:
                 s += rnd.choice((-1, 1))
-            lines.append(f"{self._name(pair)}={s}")
+            lines.append(f"{self._name(pair)}={s} {'yes' if s == self.target else 'no'}")
             if s == self.target:
-                return "\n".join(lines), self._name(pair)
-        return "\n".join(lines), self._name(order[-1])
+                break
+        return "\n".join(lines), self._name(pair)
 
     def thought(self) -> str:
         return self.worked(None)[0]
@@ -93,7 +96,7 @@ class PairSumProblem:
 @dataclass(frozen=True)
 class PairSumConfig:
     min_numbers: int = 5
-    max_numbers: int = 8
+    max_numbers: int = 9
     low: int = 10
     high: int = 99
     num_train: int = 20000
