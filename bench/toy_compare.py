@@ -164,7 +164,8 @@ def parse_arm(spec: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    # pairsum's 0.53M-parameter warm start does not learn the task yet (held-out accuracy about 1%): opt-in
+    ap.add_argument("--tasks", nargs="+", default=["addition"], choices=list(TASKS))
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--arm", type=parse_arm, action="append", default=[], help="NAME=key=value,key=value: another arm")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -69,7 +69,7 @@ PAIRSUM_RECIPES = {
     "tiny": ToyRecipe(task=pairsum.PairSumConfig(min_numbers=3, max_numbers=4, num_train=2000, num_test=64),
                       train=WarmStartConfig(steps=60, batch_size=32, lr=1e-2, warmup=10), eval_problems=16),
     "default": ToyRecipe(task=pairsum.PairSumConfig(),
-                         train=WarmStartConfig(steps=2000, batch_size=64, lr=3e-3, warmup=50, slip=0.05),
+                         train=WarmStartConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, slip=0.05),
                          eval_problems=256),
 }
 

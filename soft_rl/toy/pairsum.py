@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass
 
 from soft_rl.data import build_user_prompt
+from soft_rl.toy.task import draw_splits
 
 THINK_END = "</think>"
 MAX_TRIES = 5  # pairs the chain of thought tries before it gives up (about 60 tokens: the rollout budget is 72)
@@ -116,17 +117,5 @@ def sample_problem(rnd: random.Random, cfg: PairSumConfig) -> PairSumProblem:
 
 def make_splits(seed: int, cfg: PairSumConfig) -> tuple[list[PairSumProblem], list[PairSumProblem]]:
     """(train, test): distinct problems, no test problem in train, deterministic for ``seed``."""
-    rnd = random.Random(f"toy-pairsum-{seed}")
-    seen: set[PairSumProblem] = set()
-
-    def draw(n: int) -> list[PairSumProblem]:
-        out = []
-        while len(out) < n:
-            p = sample_problem(rnd, cfg)
-            if p not in seen:
-                seen.add(p)
-                out.append(p)
-        return out
-
-    test = draw(cfg.num_test)
-    return draw(cfg.num_train), test
+    return draw_splits(random.Random(f"toy-pairsum-{seed}"), lambda rnd: sample_problem(rnd, cfg), cfg.num_train,
+                       cfg.num_test)

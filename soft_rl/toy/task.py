@@ -107,18 +107,23 @@ def make_splits(seed: int, cfg: ToyTaskConfig) -> tuple[list[ToyProblem], list[T
     space = sum(9 * 10 ** (d - 1) for d in range(cfg.min_digits, cfg.max_digits + 1)) ** 2
     if cfg.num_train + cfg.num_test > space // 2:
         raise ValueError(f"{cfg.num_train + cfg.num_test} problems requested but only {space} exist")
-    rnd = random.Random(f"toy-addition-{seed}")
-    seen: set[ToyProblem] = set()
+    return draw_splits(random.Random(f"toy-addition-{seed}"), lambda rnd: sample_problem(rnd, cfg), cfg.num_train,
+                       cfg.num_test)
 
-    def draw(n: int) -> list[ToyProblem]:
+
+def draw_splits(rnd: random.Random, sample, num_train: int, num_test: int) -> tuple[list, list]:
+    """(train, test) of distinct problems drawn with ``sample(rnd)``: the test split first, then the train split
+    without any problem already drawn (so none of the test problems)."""
+    seen: set = set()
+
+    def draw(n: int) -> list:
         out = []
         while len(out) < n:
-            p = sample_problem(rnd, cfg)
+            p = sample(rnd)
             if p not in seen:
                 seen.add(p)
                 out.append(p)
         return out
 
-    test = draw(cfg.num_test)
-    train = draw(cfg.num_train)
-    return train, test
+    test = draw(num_test)
+    return draw(num_train), test
