@@ -59,6 +59,27 @@ def test_train_two_steps_on_toy(ray_cluster, tmp_path):
         main(["train", "--config", "configs/tiny_cpu.yaml", "rollout.temprature=0.5"])
 
 
+@pytest.mark.parametrize("density", ["exact", "gumbel-max"])
+def test_engines_score_soft_steps_in_the_learners_density(ray_cluster, tmp_path, density):
+    """``learner.density`` reaches the engines too: their reported soft log-probs (the PPO ratio's old log-probs)
+    equal the learners' in every density mode, not only the default one (an engine left at "official" differs
+    by about 1 per soft position and the parity probe stops the run)."""
+    from soft_rl.config import load_config
+    from soft_rl.toy.init import toy_init
+    from workers.driver import train
+
+    toy = tmp_path / "toy"
+    toy_init(toy, size="tiny", steps=1, minutes=1.0, log=lambda s: None)
+    history = train(load_config("configs/tiny_cpu.yaml", [
+        f"model.path={toy / 'model'}", f"data.train_files=[{toy / 'train.jsonl'}]", "trainer.steps=1",
+        "data.prompts_per_step=4", f"trainer.out_dir={tmp_path / 'run'}", "rollout.max_new_tokens=24",
+        "rollout.thinking_budget=12", "rollout.num_engines=1", "learner.world_size=1", "trainer.eval_every=0",
+        f"learner.density={density}"]), log=lambda s: None)
+    (rec,) = history
+    assert 0.0 < rec["rollout/soft_frac"] < 1.0
+    assert rec["rollout_vs_learner/mean_abs_logprob_diff_soft"] <= 1e-5, rec
+
+
 def _model_states(ckpt_dir):
     import torch
 

@@ -220,20 +220,17 @@ def run_max_candidates(cfg: Config) -> int:
     return candidate_width(cfg, vocab)
 
 
-def start_actors(cfg: Config, device: str) -> Actors:
-    """Rollout engines, learner ranks and reward actors, placed by ``workers.placement.plan_actors``
-    (on GPU each engine holds its tensor-parallel GPUs and each learner rank one)."""
-    from workers.learner import LearnerGroup
-    from workers.placement import plan_actors
-    from workers.reward import RewardPool
-    from workers.rollout import RolloutPool
-
+def engine_settings(cfg: Config, device: str) -> tuple[dict, dict]:
+    """(keyword arguments of every rollout engine, environment of its actor) for a run on ``device``."""
     r, lc = cfg.rollout, cfg.learner
     engine_kw = dict(dtype=cfg.model.dtype, enforce_eager=device != "gpu", max_model_len=cfg.model.max_model_len,
                      max_k=r.k, max_new_tokens=r.max_new_tokens, prefix_caching=r.prefix_caching,
                      # what a step sends one engine: sizes vLLM's batch, the soft state and the profiled sampler
                      max_num_seqs=r.engine_max_num_seqs(cfg.data.prompts_per_step),
                      max_candidates=run_max_candidates(cfg), engine_step=r.engine_step,
+                     # the engines report each soft step's log-prob in the learners' density: the PPO ratio's
+                     # old log-probs and the parity probe compare like with like
+                     density=lc.density,
                      # the run's own steps are compiled (GPU: captured) at start-up, inside vLLM's memory profiling
                      prepare_params=[r.sampling_params(0), r.eval_sampling_params(0)])
     if cfg.model.head_dtype == "float32":  # vLLM's documented setting for RL consistency (a no-op in float32)
@@ -246,6 +243,19 @@ def start_actors(cfg: Config, device: str) -> Actors:
             engine_kw["enable_sleep_mode"] = True
     else:
         engine_env["VLLM_CPU_KVCACHE_SPACE"] = str(r.kv_cache_gb)
+    return engine_kw, engine_env
+
+
+def start_actors(cfg: Config, device: str) -> Actors:
+    """Rollout engines, learner ranks and reward actors, placed by ``workers.placement.plan_actors``
+    (on GPU each engine holds its tensor-parallel GPUs and each learner rank one)."""
+    from workers.learner import LearnerGroup
+    from workers.placement import plan_actors
+    from workers.reward import RewardPool
+    from workers.rollout import RolloutPool
+
+    r, lc = cfg.rollout, cfg.learner
+    engine_kw, engine_env = engine_settings(cfg, device)
     engine_cpus, learner_cpus = (0.5, 0.5) if device == "cpu" else (1.0, 1.0)
     actors = Actors()
     try:
