@@ -251,8 +251,11 @@ def test_preempted_driver_is_requeued(slurm, job_env, tmp_path):
         time.sleep(1)
         text = out.read_text(errors="replace") if out.exists() else ""
         if not hurried and slurm.job_state(jobid)[0] == "PENDING":
-            # Slurm holds a requeued job back (its BeginTime a couple of minutes ahead); no need to wait here
-            hurried = slurm.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], check=False).returncode == 0
+            # Slurm holds a requeued job back (its BeginTime a couple of minutes ahead); no need to wait that long,
+            # but a few seconds: slurmd revokes the killed run's job credential with one-second resolution, and an
+            # allocation within that second is refused ("Job credential revoked") and the job ends failed
+            hurried = slurm.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now+3"],
+                                check=False).returncode == 0
     print(f"requeued job ran again {time.monotonic() - t0:.1f}s after SIGTERM")
     state, code = slurm.wait_job(jobid, timeout=200)
     text = out.read_text(errors="replace")
