@@ -4,6 +4,8 @@ buckets, no models. Each records how its last call ended (``outcome``)."""
 
 import torch
 
+from tests.sync_stubs import StubWorker
+
 BUCKET_FLOATS = 1 << 22  # 16 MiB: more than loopback socket buffers hold, so a silent receiver blocks the sender
 N_BUCKETS = 4
 
@@ -49,21 +51,12 @@ class BroadcastLearner:
         return self.outcome
 
 
-class BroadcastWorker:
+class BroadcastWorker(StubWorker):
     """``mode``: "ok" receives; "fail" joins the group but its receive call raises before receiving anything (the
-    group never hears of it: only the driver does, from Ray)."""
+    group never hears of it: only the driver does, from Ray). Joins the group as ``StubWorker`` does."""
 
     def __init__(self, mode):
         self.mode, self.group, self.outcome = mode, None, None
-
-    def num_ranks(self):
-        return 1
-
-    def join_weight_group(self, host, port, base_rank, world_size, backend, timeout_s):
-        from workers.weight_broadcast import open_group
-
-        self.group = open_group(backend, host, port, base_rank, world_size, timeout_s)
-        return [base_rank]
 
     def receive_weights(self, layout):
         from workers.weight_broadcast import receive

@@ -67,6 +67,19 @@ def _perturbed(models, seed):
     return new, dict(new.named_parameters())
 
 
+def _generates_like_hf(models, eng, new, seed0, label):
+    """The TP=2 engine, now holding ``new``'s weights, generates what the float64 reference of ``new`` does (and
+    the HF float32 reference too), within assert_same's error model. Returns (got, prompts, params)."""
+    updated = {"tokenizer": models["tokenizer"], "qwen2": (models["qwen2"][0], new.eval())}
+    params = mixed_params(seed0=seed0)[:6]
+    prompts = prompts_for(models["tokenizer"], len(params))
+    got = eng.generate(prompts, params, max_new_tokens=STEPS)
+    ref = exact_reference(updated, "qwen2", prompts, params)
+    assert_same(ref.hf32, ref, f"{label}, HF float32")
+    assert_same(got, ref, f"{label}, vLLM TP=2")
+    return got, prompts, params
+
+
 def test_tp2_broadcast_weight_sync(tp_setup):
     from workers.weight_broadcast import open_group, pack, plan_buckets, send
 
@@ -94,13 +107,7 @@ def test_tp2_broadcast_weight_sync(tp_setup):
     sender.join(60)
     assert not errors, errors
     assert received == len(state)
-    updated = {"tokenizer": models["tokenizer"], "qwen2": (models["qwen2"][0], new.eval())}
-    params = mixed_params(seed0=60)[:6]
-    prompts = prompts_for(models["tokenizer"], len(params))
-    got = eng.generate(prompts, params, max_new_tokens=STEPS)
-    ref = exact_reference(updated, "qwen2", prompts, params)
-    assert_same(ref.hf32, ref, "synced weights, HF float32")
-    assert_same(got, ref, "synced weights, vLLM TP=2")
+    got, prompts, params = _generates_like_hf(models, eng, new, 60, "synced weights")
     old = reference(models, "qwen2", prompts, params)
     assert any(a.tokens.tolist() != b.tokens.tolist() for a, b in zip(got, old, strict=True))  # weights changed
 
@@ -121,13 +128,7 @@ def test_tp2_spooled_weight_update(tp_setup):
     assert stats["peak_files"] <= 2, stats  # the whole model is never on disk at once
     assert stats["max_file_bytes"] * 4 < nbytes, stats
     assert set(glob.glob("/dev/shm/soft_rl_spool_*")) == before  # the spool is gone
-    updated = {"tokenizer": models["tokenizer"], "qwen2": (models["qwen2"][0], new.eval())}
-    params = mixed_params(seed0=80)[:6]
-    prompts = prompts_for(models["tokenizer"], len(params))
-    got = eng.generate(prompts, params, max_new_tokens=STEPS)
-    ref = exact_reference(updated, "qwen2", prompts, params)
-    assert_same(ref.hf32, ref, "spooled weights, HF float32")
-    assert_same(got, ref, "spooled weights, vLLM TP=2")
+    _generates_like_hf(models, eng, new, 80, "spooled weights")
 
 
 def test_tp2_worker_process_death_marks_the_engine_failed(tp_setup):
