@@ -15,10 +15,11 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from soft_rl.densities import DENSITIES
+from soft_rl.densities import DENSITIES, trainable_noises
 from soft_rl.engine_step import ENGINE_STEP_MODES
 from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
 from soft_rl.lr_schedule import LR_SCHEDULES
+from soft_rl.noise_kinds import NOISES
 from soft_rl.sampling import SoftSamplingParams
 
 
@@ -53,7 +54,7 @@ class RolloutConfig:
     answer_min_p: float | None = None
     k: int = 5  # soft slots K
     tau: float = 0.1  # Gumbel-softmax temperature tau_g
-    noise: str = "gumbel"  # gumbel | dirichlet | gaussian | none
+    noise: str = "gumbel"  # a soft_rl.noise_kinds kind: gumbel | dirichlet | gaussian | none
     noise_scale: float = 1.0  # lambda
     noise_clamp: list[float] | None = field(default_factory=lambda: [-1.5, 3.0])
     dirichlet_alpha: float = 1.0
@@ -226,6 +227,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that would otherwise fail late, inside an actor."""
     r, lr, d, t = cfg.rollout, cfg.learner, cfg.data, cfg.trainer
     _check(cfg.model.dtype in ("bfloat16", "float32"), "model.dtype", "must be bfloat16 or float32")
+    _check(r.noise in NOISES, "rollout.noise", f"must be one of {list(NOISES)}")
     try:
         r.sampling_params(seed=0)
         r.eval_sampling_params(seed=0)
@@ -244,7 +246,7 @@ def validate(cfg: Config) -> None:
     _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
     _check(lr.density in DENSITIES, "learner.density", f"must be one of {list(DENSITIES)}")
-    _check(not r.soft or r.noise == "none" or r.noise in DENSITIES[lr.density].noises, "learner.density",
+    _check(not r.soft or not NOISES[r.noise].trainable or r.noise in DENSITIES[lr.density].noises, "learner.density",
            f"{lr.density} scores {' and '.join(DENSITIES[lr.density].noises)} noise only, but rollout.noise is "
            f"{r.noise}")
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
@@ -267,8 +269,9 @@ def validate(cfg: Config) -> None:
            "must be > 0 or null")
     _check(lr.sync_probe_calibration_steps >= 0, "learner.sync_probe_calibration_steps", "must be >= 0")
     _check(lr.sync_probe_jump > 1, "learner.sync_probe_jump", "must be > 1")
-    _check(not (r.soft and r.noise == "none"), "rollout.noise",
-           "noise=none has no density: SofT-GRPO needs gumbel, dirichlet or gaussian (or set rollout.soft=false)")
+    _check(not (r.soft and not NOISES[r.noise].trainable), "rollout.noise",
+           f"noise={r.noise} has no density: training needs one of {list(trainable_noises())} (or set "
+           "rollout.soft=false)")
     batch = d.prompts_per_step * r.n
     _check(d.prompts_per_step % lr.mini_batches == 0, "learner.mini_batches",
            f"must divide data.prompts_per_step={d.prompts_per_step} (whole GRPO groups per mini-batch)")

@@ -13,27 +13,24 @@ the same inputs, which is what makes the PPO ratio exactly 1 before an update.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-NOISE_KINDS = ("gumbel", "dirichlet", "gaussian", "none")
-
-EPS_LOG = 1e-6  # the reference's floor inside log(p + 1e-6)
-GUMBEL_CLAMP = (-1.5, 3.0)  # the reference's clamp of the standard Gumbel noise
-CLAMP_KINK_TOL = 1e-4
-OFFICIAL_GUMBEL_MASK = -3.0  # slots with log(p-hat + 1e-6) > -3 enter the masked mean
-OFFICIAL_PROB_MASK = 0.05  # Dirichlet/Gaussian: slots with p-hat > 0.05 enter the masked mean
-DIRICHLET_LOGPDF_CLAMP = (-5.0, 3.0)
-GAUSSIAN_STD = 0.05
-GAUSSIAN_VALUE_CLAMP = 0.15
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+from soft_rl.noise_kinds import (  # noqa: F401  (re-exported: the constants' public home stays this module)
+    CLAMP_KINK_TOL,
+    DIRICHLET_LOGPDF_CLAMP,
+    EPS_LOG,
+    GAUSSIAN_STD,
+    GAUSSIAN_VALUE_CLAMP,
+    GUMBEL_CLAMP,
+    NOISE_KINDS,
+    NOISES,
+    OFFICIAL_GUMBEL_MASK,
+    OFFICIAL_PROB_MASK,
+    noise_kind,
+)
+from soft_rl.noise_kinds.base import gamma_logpdf, gumbel_logpdf, normal_logpdf  # noqa: F401
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -53,121 +50,35 @@ def _valid(noisy: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return torch.ones_like(noisy, dtype=torch.bool) if valid is None else valid
 
 
-def gumbel_logpdf(x: torch.Tensor) -> torch.Tensor:
-    """phi(g) = -g - exp(-g), the log-density of a standard Gumbel(0, 1)."""
-    return -x - torch.exp(-x)
-
-
-def gamma_logpdf(x: torch.Tensor, conc: torch.Tensor) -> torch.Tensor:
-    """log Gamma(x; a, 1) = (a - 1) log x - x - lgamma(a)."""
-    return (conc - 1.0) * torch.log(x) - x - torch.lgamma(conc)
-
-
-def normal_logpdf(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2). A Python-float ``std`` stays a scalar operand: making it a device tensor
-    would be a host-to-device copy, which blocks CUDA-graph capture (audit item 11)."""
-    log_std = math.log(std) if isinstance(std, (int, float)) else torch.log(std)
-    return -0.5 * ((x - mean) / std) ** 2 - log_std - 0.5 * math.log(2.0 * math.pi)
-
-
 # ------------------------------------------------------------------------------------------ density modes
 @dataclass(frozen=True)
 class DensityMode:
-    """One way to score a soft step: ``score(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha)`` -> [...].
-
-    Every argument is float64 and broadcast against [..., K]: ``logp_hat``/``p_hat`` the softmax over the kept
-    slots (-inf / 0 outside ``valid``), ``noisy`` the stored values, ``scale`` lambda, ``clamp`` the noise's
-    (low, high) bounds or None, ``alpha`` the Dirichlet concentration scale. ``noises``: the noise kinds it can
-    score. Adding a mode: a function here, ``register_density``, and the docs (README's density table)."""
+    """One way to score a soft step. Its formula for each noise kind lives in that kind's module
+    (``soft_rl.noise_kinds``: ``NoiseKind.scores[name]``); ``noises`` are the kinds that define one. Adding a mode:
+    its name here, a score in each kind's module it applies to, and the docs (README's density table)."""
 
     name: str
-    noises: tuple[str, ...]
-    score: Callable[..., torch.Tensor]
+    doc: str
+
+    @property
+    def noises(self) -> tuple[str, ...]:
+        return tuple(n for n, kind in NOISES.items() if self.name in kind.scores)
+
+    def score(self, noise: str, *args) -> torch.Tensor:
+        return NOISES[noise].scores[self.name](*args)
 
 
 DENSITIES: dict[str, DensityMode] = {}
 
 
-def register_density(name: str, noises: tuple[str, ...]):
-    def add(fn):
-        DENSITIES[name] = DensityMode(name, noises, fn)
-        return fn
-
-    return add
+def register_density(name: str, doc: str) -> DensityMode:
+    DENSITIES[name] = DensityMode(name, doc)
+    return DENSITIES[name]
 
 
-@register_density("official", ("gumbel", "dirichlet", "gaussian"))
-def _official(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
-    """The reference code's learner: a masked mean of clamped per-slot log-densities.
-
-    gumbel: with mu_k = log(p-hat_k + 1e-6), g'_k = clamp(y_k - mu_k, -1.5, 3),
-        L = mean_{k: mu_k > -3} [ -g'_k - exp(-g'_k) ]   (ignores lambda and tau_g: exact only for lambda = 1)
-    dirichlet: mean_{k: p-hat_k > 0.05} clamp(log Gamma(x_k; alpha p-hat_k, 1), -5, 3)
-    gaussian: mean_{k: p-hat_k > 0.05} log N(clamp(x_k, p-hat_k +- 3 s); p-hat_k, s), s = 0.05 lambda
-        (the official learner fixes s = 0.05 whatever lambda: the same at lambda = 1, which its scripts use)."""
-    if noise == "gumbel":
-        mu = torch.log(p_hat + EPS_LOG)
-        g = noisy - mu
-        if clamp is not None:
-            # A slot whose rollout noise was clamped sits exactly on a bound at theta_old, where the
-            # clamp has a kink; float rounding would pick its side at random (and differ between
-            # two forward implementations). Convention: within CLAMP_KINK_TOL of a bound the slot
-            # is censored (value at the bound, no gradient), the one-sided derivative that
-            # treats the clamped sample as carrying no information about theta.
-            lo, hi = clamp
-            at_bound = ((g - lo).abs() < CLAMP_KINK_TOL) | ((g - hi).abs() < CLAMP_KINK_TOL)
-            g = torch.minimum(torch.maximum(g, lo), hi)
-            g = torch.where(at_bound, g.detach(), g)
-        return _masked_mean(gumbel_logpdf(g), (mu > OFFICIAL_GUMBEL_MASK) & valid)
-    if noise == "dirichlet":
-        present = valid & (noisy > 0)  # x_k = 0: a zero-probability slot the rollout left empty
-        lp = gamma_logpdf(noisy.clamp_min(1e-30), (alpha * p_hat).clamp_min(1e-30)).clamp(*DIRICHLET_LOGPDF_CLAMP)
-        return _masked_mean(lp, present & (p_hat > OFFICIAL_PROB_MASK))
-    bound = GAUSSIAN_VALUE_CLAMP * scale  # three standard deviations
-    x = torch.minimum(torch.maximum(noisy, p_hat - bound), p_hat + bound)
-    return _masked_mean(normal_logpdf(x, p_hat, GAUSSIAN_STD * scale), valid & (p_hat > OFFICIAL_PROB_MASK))
-
-
-@register_density("exact", ("gumbel", "dirichlet", "gaussian"))
-def _exact(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
-    """The joint density of the stored values, independent per slot, summed.
-
-    gumbel: y_k ~ Gumbel(loc = mu_k, scale = lambda), L = sum_k [ -z_k - exp(-z_k) - log lambda ],
-        z_k = (y_k - mu_k) / lambda (exact for unclamped noise; the rollout's clamp puts atoms at the bounds).
-    dirichlet: x_k ~ Gamma(alpha p-hat_k, 1) over the present slots (x_k > 0).
-    gaussian: x_k ~ N(p-hat_k, s^2), s = 0.05 lambda."""
-    if noise == "gumbel":
-        zz = (noisy - torch.log(p_hat + EPS_LOG)) / scale
-        return ((gumbel_logpdf(zz) - torch.log(scale)) * valid).sum(-1)
-    if noise == "dirichlet":
-        present = valid & (noisy > 0)
-        lp = gamma_logpdf(noisy.clamp_min(1e-30), (alpha * p_hat).clamp_min(1e-30))
-        return torch.where(present, lp, torch.zeros_like(lp)).sum(-1)
-    return (normal_logpdf(noisy, p_hat, GAUSSIAN_STD * scale) * valid).sum(-1)
-
-
-@register_density("gumbel-max", ("gumbel",))
-def _gumbel_max(noise, logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
-    """Rao-Blackwellised: the log-probability of the emitted slot i = argmax_k y_k under p-hat, L = log p-hat_i.
-
-    Why: the argmax of y_k = mu_k + g_k with g_k iid Gumbel is a draw of Categorical(p-hat) (the Gumbel-max
-    trick), and the mixture weights softmax(y / tau_g) are one-hot at i as tau_g -> 0. Writing the exact density
-    as f(y) = p-hat_i f(y | i), the exact score splits into grad log p-hat_i + grad log f(y | i), whose second
-    term has conditional mean 0 given i; this mode keeps the first, E[exact score | i], so its variance is the
-    discrete token score's (no per-slot term of variance 1 whatever p-hat is), at the same lean-head cost.
-
-    Bias, for the gradient of E[R] with R a function of the whole y (the mixture the model was fed):
-        E[R grad log f(y)] - E[R grad log p-hat_i] = E[R grad log f(y | i)] = E_i[ Cov(R, grad log f(y | i) | i) ],
-    zero when R depends on y only through i (tau_g -> 0), and otherwise as large as R varies with the
-    runner-up weights at a fixed emitted slot (tau_g > 0: real mixtures). The rollout's clamp of g to
-    [-1.5, 3] adds a second term: the clamped argmax is not distributed as p-hat exactly (two slots clamped at
-    the upper bound tie, and the lower bound lifts improbable slots), so E[grad log p-hat_i] != 0 under it, by
-    at most the probability that the clamp changes the argmax. Both are measured in bench/estimator_bandit.py.
-    Scored with the same stored values by rollout and learner, so the PPO ratio is exactly 1 before an update;
-    lambda and the clamp do not enter."""
-    emitted = noisy.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
-    return logp_hat.gather(-1, emitted).squeeze(-1)
-
+register_density("official", "the reference code's learner: a masked mean of clamped per-slot log-densities")
+register_density("exact", "the joint density of the stored values, independent per slot, summed")
+register_density("gumbel-max", "Rao-Blackwellised: log p-hat of the emitted slot (Gumbel noise only)")
 
 DENSITY_MODES = tuple(DENSITIES)
 
@@ -193,11 +104,9 @@ def soft_logprob(
     empty) carry no information and are excluded.
     """
     density = density_mode(mode)
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-    if noise == "none":
-        raise ValueError("noise='none' (plain soft thinking) is deterministic given the logits: it has no "
-                         "density and cannot be trained with SofT-GRPO; pick gumbel, dirichlet or gaussian")
+    if not noise_kind(noise).trainable:
+        raise ValueError(f"noise={noise!r} is deterministic given the logits: it has no density and cannot be "
+                         f"trained; pick one of {trainable_noises()}")
     if noise not in density.noises:
         raise ValueError(f"density {mode!r} scores {' and '.join(density.noises)} noise only, got {noise!r}")
     out_dtype = torch.float64 if logits_at_ids.dtype == torch.float64 else torch.float32
@@ -237,23 +146,15 @@ def soft_weights(
     tau: torch.Tensor | float,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mixture weights of a soft step from its stored values, as the rollout formed them.
+    """Mixture weights of a soft step from its stored values, as the rollout formed them (the kind's
+    ``weights``: softmax(y / tau_g) for gumbel and none; x / sum(x) for dirichlet and gaussian, where the
+    reference learner used softmax(x / 1), which does not match what its rollout fed the model)."""
+    return noise_kind(noise).weights(noisy, tau, _valid(noisy, valid))
 
-    gumbel / none: w = softmax(y / tau_g) over the valid slots.
-    dirichlet / gaussian: w = x / sum(x) (the reference learner used softmax(x / 1) here, which does
-    not match what its rollout fed the model; we rebuild the rollout's weights).
-    """
-    valid = _valid(noisy, valid)
-    noisy = noisy.float()
-    if noise in ("gumbel", "none"):
-        tau = torch.as_tensor(tau, dtype=torch.float32, device=noisy.device)
-        if tau.dim() > 0:
-            tau = tau.unsqueeze(-1)
-        return torch.softmax((noisy / tau).masked_fill(~valid, float("-inf")), dim=-1)
-    if noise in ("dirichlet", "gaussian"):
-        x = noisy.masked_fill(~valid, 0.0)
-        return x / x.sum(-1, keepdim=True)
-    raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+
+def trainable_noises() -> tuple[str, ...]:
+    """The noise kinds some density scores."""
+    return tuple(n for n, kind in NOISES.items() if kind.trainable)
 
 
 @dataclass
@@ -299,9 +200,10 @@ class RowNoise:
 def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: str, rows: RowNoise,
                       valid: torch.Tensor) -> torch.Tensor:
     """``soft_logprob`` of N rows [N, K], each with its own noise kind and settings (``rows``)."""
-    if "none" in rows.kinds:
-        raise ValueError("a soft step drawn with noise='none' has no density: it cannot be scored "
-                         "(train with gumbel, dirichlet or gaussian noise)")
+    untrainable = [k for k in rows.kinds if not NOISES[k].trainable]
+    if untrainable:
+        raise ValueError(f"a soft step drawn with noise={untrainable[0]!r} has no density: it cannot be scored "
+                         f"(train with one of {trainable_noises()})")
 
     def score(name, idx=None):
         pick = (lambda t: t) if idx is None else (lambda t: t[idx])

@@ -18,6 +18,7 @@ import torch
 
 from soft_rl.densities import density_slots, soft_logprob, soft_weights
 from soft_rl.losses import entropy_from_logits
+from soft_rl.noise_kinds import noise_kind
 from soft_rl.phase import PhaseTracker
 from soft_rl.rng import NoiseCounters
 from soft_rl.sampling import SamplingBatch, SoftSamplingParams, mix_embeddings, soft_sample
@@ -141,7 +142,7 @@ def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str) -> t
     s = traj.sampling
     zt = logits.float() / traj.position_temperatures().to(logits.device)[:, None]
     discrete = torch.log_softmax(zt, -1).gather(1, traj.tokens.to(logits.device)[:, None]).squeeze(1)
-    if s.noise == "none" or not bool(traj.is_soft.any()):
+    if not noise_kind(s.noise).trainable or not bool(traj.is_soft.any()):
         return discrete
     ids = traj.topk_ids.to(logits.device)
     clamp = s.noise_clamp

@@ -34,18 +34,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from soft_rl import rng
-from soft_rl.densities import (
-    EPS_LOG,
-    GAUSSIAN_STD,
-    GUMBEL_CLAMP,
-    NOISE_KINDS,
-    density_mode,
-    density_slots,
-    soft_logprob,
-    soft_weights,
-)
-
-NOISE_CODES = {name: i for i, name in enumerate(NOISE_KINDS)}
+from soft_rl.densities import density_mode, density_slots, soft_logprob
+from soft_rl.noise_kinds import EPS_LOG, GUMBEL_CLAMP, NOISE_CODES, NOISE_KINDS, NOISES, DrawContext
 
 
 @dataclass
@@ -232,36 +222,6 @@ def truncate_sorted(p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
     return keep
 
 
-GAMMA_SLOT_STRIDE = 4096  # slot index of attempt a, soft slot k: a * stride + k (independent of K)
-
-
-def _gamma(seed, step, conc: torch.Tensor, attempts: int = 24) -> torch.Tensor:
-    """Gamma(conc, 1) by Marsaglia-Tsang with a fixed number of vectorised attempts.
-
-    For a < 1 draw Gamma(a + 1) and multiply by u^(1/a). Acceptance per attempt is > 95%, so the
-    chance that all attempts fail is < 1e-30; the last candidate is used then. The draws of slot k
-    do not depend on the batch width K (engines pad to their own K).
-    """
-    B, K = conc.shape
-    boost = conc < 1
-    a = torch.where(boost, conc + 1.0, conc)
-    d = a - 1.0 / 3.0
-    c = 1.0 / torch.sqrt(9.0 * d)
-    slots = (torch.arange(attempts, device=conc.device)[:, None] * GAMMA_SLOT_STRIDE
-             + torch.arange(K, device=conc.device)[None, :])  # [attempts, K]
-    u1 = rng.uniform_at(seed, step, slots, rng.STREAM_GAMMA)
-    u2 = rng.uniform_at(seed, step, slots, rng.STREAM_GAMMA + 1)
-    x = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)  # Box-Muller N(0, 1)
-    u = rng.uniform_at(seed, step, slots, rng.STREAM_GAMMA + 2)
-    v = (1.0 + c[:, None, :] * x) ** 3
-    ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d[:, None, :] - d[:, None, :] * v
-                    + d[:, None, :] * torch.log(v.clamp_min(1e-30)))
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(conc, attempts - 1, dtype=torch.int64))
-    sample = (d[:, None, :] * v).gather(1, first[:, None, :]).squeeze(1)
-    ub = rng.uniform(seed, step, K, rng.STREAM_GAMMA + 3)
-    return torch.where(boost, sample * ub ** (1.0 / conc.clamp_min(1e-30)), sample)
-
-
 def soft_sample(
     logits: torch.Tensor,
     params: SamplingBatch,
@@ -317,20 +277,11 @@ def soft_sample(
     valid = slot[None, :] < params.k[:, None]
     q = p_kept[:, :K] * valid
     q = q / q.sum(-1, keepdim=True)
-    ell = torch.log(q + EPS_LOG)
     step_seed, step = generator.seed, generator.step
-    g = rng.gumbel(step_seed, step, K).clamp(params.clamp_lo[:, None], params.clamp_hi[:, None])
-    noise = params.noise[:, None]
-    lam = params.noise_scale[:, None]
-    y = ell + lam * g
-    y = torch.where(noise == NOISE_CODES["none"], ell, y)
-    if "dirichlet" in kinds:
-        conc = (params.dirichlet_alpha[:, None] * q).clamp_min(1e-30)
-        x_dir = torch.where(q > 0, _gamma(step_seed, step, conc), torch.zeros_like(q))
-        y = torch.where(noise == NOISE_CODES["dirichlet"], x_dir, y)
-    if "gaussian" in kinds:
-        x_gau = q + GAUSSIAN_STD * lam * rng.normal(step_seed, step, K, (rng.STREAM_NORMAL_A, rng.STREAM_NORMAL_B))
-        y = torch.where(noise == NOISE_CODES["gaussian"], x_gau, y)
+    ctx = DrawContext(q=q, ell=torch.log(q + EPS_LOG), valid=valid, scale=params.noise_scale[:, None],
+                      clamp_lo=params.clamp_lo[:, None], clamp_hi=params.clamp_hi[:, None],
+                      alpha=params.dirichlet_alpha[:, None], seed=step_seed, step=step)
+    y = _by_kind(params, kinds, lambda kind: kind.draw(ctx), q)  # each row's stored values, drawn by its kind
     y = torch.where(valid, y, torch.zeros_like(y))
     ids = top_idx[:, :K]
     w = _weights_by_kind(y, params, valid, kinds)
@@ -354,8 +305,8 @@ def soft_sample(
     z_at_ids = zt.gather(1, ids)
     clamp = (params.clamp_lo, params.clamp_hi)
     for name in kinds:
-        if name == "none" or name not in density_mode(density).noises:
-            # deterministic given the logits (none), or a kind this density does not score (an evaluation
+        if name not in density_mode(density).noises:
+            # a kind this density does not score (none, deterministic given the logits, or an evaluation
             # request's noise under gumbel-max): no density; the learner refuses to train such a row
             lp = torch.zeros_like(logprob)
         else:
@@ -387,12 +338,18 @@ def to_discrete(out: SampleOutput, rows: torch.Tensor) -> SampleOutput:
     )
 
 
+def _by_kind(params: SamplingBatch, kinds: tuple[str, ...], fn, like: torch.Tensor) -> torch.Tensor:
+    """``fn(kind)`` [B, K] on the rows drawn with each noise kind in ``kinds`` (0 on rows of other kinds). Every
+    kind's branch is computed on the whole batch and selected per row: no data-dependent indexing, so the step stays
+    one static graph."""
+    out = torch.zeros_like(like)
+    for name in kinds:
+        out = torch.where((params.noise == NOISE_CODES[name])[:, None], fn(NOISES[name]), out)
+    return out
+
+
 def _weights_by_kind(y, params: SamplingBatch, valid, kinds):
-    w = soft_weights(y, "gumbel", params.tau, valid)
-    if "dirichlet" in kinds or "gaussian" in kinds:
-        ratio_rows = (params.noise == NOISE_CODES["dirichlet"]) | (params.noise == NOISE_CODES["gaussian"])
-        w = torch.where(ratio_rows[:, None], soft_weights(y, "dirichlet", params.tau, valid), w)
-    return w
+    return _by_kind(params, kinds, lambda kind: kind.weights(y, params.tau, valid), y.float())
 
 
 def mix_embeddings(embedding_weight: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
