@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from soft_rl.densities import NOISE_KINDS
+from soft_rl.noise_kinds import noise_kind
 from soft_rl.phase import PhaseTracker
 from soft_rl.rng import NoiseCounters
 from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSamplingParams, mix_rows, soft_sample
@@ -50,12 +51,14 @@ def candidates_needed(params: SoftSamplingParams, width: int, vocab_size: int) -
     * Soft steps use the K slots, but top-p (top_p < 1) compares against the top-k mass S_k = sum of the
       top_k largest probabilities, so the top top_k tokens must be candidates (top_k <= 0: S_k = 1; top_p = 1:
       no top-p; either way the slots suffice).
-    * Discrete steps (the answer phase; the thinking phase without soft thinking) draw from the whole kept
-      prefix: top_k tokens, or the whole vocabulary when top_k <= 0.
+    * Discrete steps (the answer phase; the thinking phase without soft thinking), and soft steps of a kind that
+      draws its slots from the kept set (``NoiseKind.samples_kept_set``), draw from the whole kept prefix: top_k
+      tokens, or the whole vocabulary when top_k <= 0.
     The engine's step takes the largest over its rows; a driver takes it over its run's sampling settings
     (``SoftEngine(max_candidates=...)`` profiles and caps the engine at that)."""
     need = int(width)
-    thinking_top_k = [params.top_k] if params.soft and params.top_k > 0 and params.top_p < 1 else []
+    kept_set = params.soft and noise_kind(params.noise).samples_kept_set  # soft slots drawn from the kept set
+    thinking_top_k = [params.top_k] if params.soft and (kept_set or params.top_k > 0 and params.top_p < 1) else []
     for top_k in [params.answer_top_k] + ([] if params.soft else [params.top_k]) + thinking_top_k:
         need = vocab_size if top_k <= 0 else max(need, top_k)
     return min(need, int(vocab_size))

@@ -258,15 +258,17 @@ def soft_sample(
     zt = logits.to(torch.float32, copy=True).div_(T[:, None])  # one [B, V] buffer, not two (same values)
     log_norm = torch.logsumexp(zt, dim=-1)  # log sum_v exp(z_v / T)
 
-    # Candidate width: K slots for soft rows; the whole kept prefix for discrete rows.
+    if kinds is None:
+        kinds = tuple(name for name, code in NOISE_CODES.items() if bool((params.noise == code).any()))
+    # Candidate width: K slots for soft rows; the whole kept prefix for discrete rows and for soft rows whose kind
+    # draws its slots from the kept set.
     if candidates is not None:
         C = min(V, candidates)
-    elif bool((~soft & ~forced & (top_k <= 0)).any()):  # a discrete row samples from the whole kept prefix
+    elif bool(((~soft & ~forced) | (soft & _rows_of(params, kinds, lambda kind: kind.samples_kept_set)))
+               .logical_and(top_k <= 0).any()):
         C = V
     else:
         C = min(V, max(K, int(top_k.max().item()) if B else K))
-    if kinds is None:
-        kinds = tuple(name for name, code in NOISE_CODES.items() if bool((params.noise == code).any()))
     top_vals, top_idx = stable_topk(zt, C)  # sorted descending, ties by token id
     p = torch.exp(top_vals - log_norm[:, None])
     keep = truncate_sorted(p, top_k, top_p, min_p)
@@ -275,22 +277,28 @@ def soft_sample(
     # ---- soft rows: K slots, noise, weights
     slot = torch.arange(K, device=dev)
     valid = slot[None, :] < params.k[:, None]
-    q = p_kept[:, :K] * valid
-    q = q / q.sum(-1, keepdim=True)
     step_seed, step = generator.seed, generator.step
+    top = slot.expand(B, K)
+    pos = _by_kind(params, kinds, lambda kind: top if kind.draw_slots is None
+                   else kind.draw_slots(p_kept, step_seed, step, K), top)  # each row's K slots among the candidates
+    q = p_kept.gather(1, pos) * valid
+    q = q / q.sum(-1, keepdim=True)
     ctx = DrawContext(q=q, ell=torch.log(q + EPS_LOG), valid=valid, scale=params.noise_scale[:, None],
                       clamp_lo=params.clamp_lo[:, None], clamp_hi=params.clamp_hi[:, None],
                       alpha=params.dirichlet_alpha[:, None], seed=step_seed, step=step)
     y = _by_kind(params, kinds, lambda kind: kind.draw(ctx), q)  # each row's stored values, drawn by its kind
     y = torch.where(valid, y, torch.zeros_like(y))
-    ids = top_idx[:, :K]
+    ids = top_idx.gather(1, pos)
     w = _weights_by_kind(y, params, valid, kinds)
-    # Sort slots by weight (descending); ties keep slot order. Padding slots have w = 0.
-    order = torch.argsort(w.masked_fill(~valid, -1.0), dim=-1, descending=True, stable=True)
+    # Sort slots by weight (descending); ties keep slot order. Padding slots have w = 0. Kinds that keep their draw
+    # order (and emit slot 0) are left as drawn.
+    sorts = _rows_of(params, kinds, lambda kind: kind.sorts_slots)
+    order = torch.where(sorts[:, None], torch.argsort(w.masked_fill(~valid, -1.0), dim=-1, descending=True,
+                                                      stable=True), top)
     ids, y, valid_sorted = ids.gather(1, order), y.gather(1, order), valid.gather(1, order)
     kept = (q > 0).gather(1, order)
     w = _weights_by_kind(y, params, valid_sorted, kinds)  # recomputed from the stored values, as the learner will
-    emitted_slot = y.masked_fill(~valid_sorted, float("-inf")).argmax(-1)
+    emitted_slot = torch.where(sorts, y.masked_fill(~valid_sorted, float("-inf")).argmax(-1), 0)
     soft_token = ids.gather(1, emitted_slot[:, None]).squeeze(1)
 
     # ---- discrete rows: x ~ p_kept (exponential race: argmax p / E is an exact categorical draw)
@@ -346,6 +354,15 @@ def _by_kind(params: SamplingBatch, kinds: tuple[str, ...], fn, like: torch.Tens
     for name in kinds:
         out = torch.where((params.noise == NOISE_CODES[name])[:, None], fn(NOISES[name]), out)
     return out
+
+
+def _rows_of(params: SamplingBatch, kinds: tuple[str, ...], has) -> torch.Tensor:
+    """bool [B]: the rows whose noise kind ``has(kind)``."""
+    rows = torch.zeros_like(params.noise, dtype=torch.bool)
+    for name in kinds:
+        if has(NOISES[name]):
+            rows = rows | (params.noise == NOISE_CODES[name])
+    return rows
 
 
 def _weights_by_kind(y, params: SamplingBatch, valid, kinds):

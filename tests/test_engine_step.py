@@ -215,8 +215,11 @@ def test_candidates_needed_is_the_width_the_sampler_reads():
              SoftSamplingParams(seed=2, top_k=40, top_p=1.0, answer_top_k=3, k=5),
              SoftSamplingParams(seed=3, top_k=-1, top_p=0.9, answer_top_k=3, k=5),
              SoftSamplingParams(seed=4, soft=False, top_k=12, answer_top_k=3),
-             SoftSamplingParams(seed=5, top_k=5, answer_top_k=-1)]
-    assert [candidates_needed(p, width, V) for p in cases] == [40, 8, 8, 12, V]
+             SoftSamplingParams(seed=5, top_k=5, answer_top_k=-1),
+             # multiplex draws its slots from the whole kept set, as a discrete step does
+             SoftSamplingParams(seed=6, top_k=-1, top_p=0.9, answer_top_k=3, k=3, noise="multiplex"),
+             SoftSamplingParams(seed=7, top_k=12, answer_top_k=3, k=3, noise="multiplex_uniform")]
+    assert [candidates_needed(p, width, V) for p in cases] == [40, 8, 8, 12, V, V, 12]
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(len(cases), V, generator=g) * 0.5  # flat: top-p keeps many tokens
     # request 0: 4 tokens of mass 0.2 each, 36 of 0.2 / 36, the rest ~0. Top-p 0.9 over its top-40 mass (1) keeps

@@ -105,6 +105,8 @@ def mixed_params(seed0=0):
         SoftSamplingParams(seed=seed0 + 8, top_k=-1, top_p=1.0, k=8, thinking_budget=30, noise_scale=2.0,
                            answer_top_k=-1, answer_top_p=0.9),
         SoftSamplingParams(seed=seed0 + 9, top_k=5, k=4, tau=0.3, thinking_budget=4, think_end="</answer>"),
+        SoftSamplingParams(seed=seed0 + 10, top_k=-1, top_p=0.9, k=3, noise="multiplex"),
+        SoftSamplingParams(seed=seed0 + 11, top_k=20, k=3, noise="multiplex_uniform", thinking_budget=10),
     ]
 
 

@@ -59,13 +59,26 @@ class DrawContext:
         return self.q.shape[-1]
 
 
+SlotDraw = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class NoiseKind:
+    """``draw_slots(p_cand, seed, step, K)``, when set, picks each row's K slots among its C candidates (positions
+    [B, K] into the candidates sorted by probability, ``p_cand`` [B, C] their kept probabilities, 0 where the
+    truncation dropped them); unset, the slots are the K most likely candidates. ``sorts_slots``: the sampler orders
+    the slots by weight and emits the slot with the largest stored value (the SofT-GRPO rollout); otherwise the slots
+    stay in drawn order and slot 0 is emitted. ``samples_kept_set``: the slots are drawn from the whole kept set, so
+    a step needs every candidate the truncation keeps (as a discrete step does), not only the top K."""
+
     name: str
     draw: Callable[[DrawContext], torch.Tensor]
     weights: Callable[[torch.Tensor, torch.Tensor | float, torch.Tensor], torch.Tensor]
     scores: Mapping[str, ScoreFn] = field(default_factory=dict)
     doc: str = ""
+    draw_slots: SlotDraw | None = None
+    sorts_slots: bool = True
+    samples_kept_set: bool = False
 
     @property
     def trainable(self) -> bool:
