@@ -1,22 +1,27 @@
-"""The second toy task: find the one pair of numbers that adds up to a target, by trying pairs.
+"""The second toy task: find the one pair of digits that adds up to a target, by trying pairs.
 
-A problem is a list of distinct two-digit numbers and a target that exactly one pair of them sums to. The
-chain of thought tries pairs, one line each, checking each written sum against the target, until one fits
-or ``MAX_TRIES`` pairs have been tried:
+A problem is a list of distinct digits and a target that exactly one pair of them sums to. The chain of thought
+tries pairs, one line each, the smaller digit first, checking each written sum against the target, until one
+fits or ``MAX_TRIES`` pairs have been tried:
 
-    Which two of 23 41 17 58 36 add up to 64?   ->   <think>
-                                                     23+17=40 no
-                                                     41+58=99 no
-                                                     23+41=64 yes
-                                                     </think>
-                                                     \\boxed{23+41}
+    Which two of 7 2 9 4 5 add up to 11?   ->   <think>
+                                               4+5=9 no
+                                               2+7=9 no
+                                               2+9=11 yes
+                                               </think>
+                                               \\boxed{2+9}
 
 Each line is a choice among the pairs not tried yet, which is what soft thinking claims to help with: keeping
 several candidate paths open instead of committing to one. The teacher tries the pairs in a random order (fresh
-at every visit), so the warm-started model guesses; with 10 to 36 pairs and five tries, a guess that finds the
-pair early is what the reward pays for, and problems with more numbers stay hard: pass@k grows with k and does
-not reach 1 at once. After ``MAX_TRIES`` misses the teacher answers its last pair (wrong). The answer names the
-pair in list order (``a+b`` with a before b in the question), checked exactly (the ``toy`` reward).
+at every visit), so the warm-started model guesses; with 3 to 21 pairs and three tries, a guess that finds the
+pair early is what the reward pays for, and the longer lists stay hard: pass@k grows with k and does not reach 1
+at once. RL can do better than guessing (a target of 15 rules out the small digits). After ``MAX_TRIES`` misses
+the teacher answers its last pair (wrong). The answer names the pair smaller digit first, checked exactly (the
+``toy`` reward).
+
+Everything a line needs is one token away: the digits are single tokens copied from the question, and a line's
+sum is a one-digit addition, as in the addition task's columns. (Two-digit numbers at random places in the
+question were more than the 0.5M-parameter model learned to copy.)
 
 The teacher may slip (``worked``'s ``slip``): a written sum is off by one with that probability, and the check
 follows what was written (a slipped line can hide the right pair, or stop on a wrong one).
@@ -32,7 +37,7 @@ from soft_rl.data import build_user_prompt
 from soft_rl.toy.task import draw_splits
 
 THINK_END = "</think>"
-MAX_TRIES = 5  # pairs the chain of thought tries before it gives up (about 60 tokens: the rollout budget is 72)
+MAX_TRIES = 3  # pairs the chain of thought tries before it gives up (about 40 tokens with the answer: the budget is 48)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class PairSumProblem:
         return f"Which two of {' '.join(map(str, self.numbers))} add up to {self.target}?"
 
     def pairs(self) -> list[tuple[int, int]]:
-        """Index pairs (i < j), in list order."""
+        """Index pairs (i, j), i < j in list order."""
         return list(itertools.combinations(range(len(self.numbers)), 2))
 
     def solution(self) -> tuple[int, int]:
@@ -55,7 +60,9 @@ class PairSumProblem:
         return hits[0]
 
     def _name(self, pair: tuple[int, int]) -> str:
-        return f"{self.numbers[pair[0]]}+{self.numbers[pair[1]]}"
+        """``a+b``, the smaller digit first."""
+        a, b = sorted((self.numbers[pair[0]], self.numbers[pair[1]]))
+        return f"{a}+{b}"
 
     @property
     def answer(self) -> str:
@@ -96,18 +103,20 @@ class PairSumProblem:
 
 @dataclass(frozen=True)
 class PairSumConfig:
-    min_numbers: int = 5
-    max_numbers: int = 9
-    low: int = 10
-    high: int = 99
+    min_numbers: int = 3
+    max_numbers: int = 7
+    low: int = 0
+    high: int = 9
     num_train: int = 20000
     num_test: int = 500
 
 
 def sample_problem(rnd: random.Random, cfg: PairSumConfig) -> PairSumProblem:
-    """Distinct numbers in [low, high], a random pair's sum as the target, redrawn until no other pair hits it."""
+    """A list size uniform in [min_numbers, max_numbers], then distinct numbers in [low, high] and a random pair's
+    sum as the target, redrawn at that size until no other pair hits it (so long lists, where unique sums are
+    rarer, are as common as short ones)."""
+    m = rnd.randint(cfg.min_numbers, cfg.max_numbers)
     while True:
-        m = rnd.randint(cfg.min_numbers, cfg.max_numbers)
         numbers = tuple(rnd.sample(range(cfg.low, cfg.high + 1), m))
         i, j = sorted(rnd.sample(range(m), 2))
         target = numbers[i] + numbers[j]
