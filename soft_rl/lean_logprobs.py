@@ -81,8 +81,8 @@ class _TokenScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, chunk: int, upcast: bool, entropy_grad: bool):
         N = hidden.shape[0]
-        lp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        ent, lse, mean_u = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
+        lp = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)  # [N, J]: J labels per position
+        ent, lse, mean_u = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             u = _TokenScores.scaled_logits(hidden[s:e], weight, bias, temperature[s:e], upcast)
@@ -95,7 +95,7 @@ class _TokenScores(torch.autograd.Function):
             del q
             lse[s:e] = m + log_z  # logsumexp(u) = max + log sum exp(y)
             mean_u[s:e] = m + mean_y
-            lp[s:e] = u.gather(1, tokens[s:e, None]).squeeze(1) - log_z  # y_x - log z = u_x - lse
+            lp[s:e] = u.gather(1, tokens[s:e]) - log_z[:, None]  # y_x - log z = u_x - lse, per label
             ent[s:e] = log_z - mean_y  # H = lse - E[u] = log z - E[y]
             del u
         ctx.save_for_backward(hidden, weight, bias, tokens, temperature, lse, mean_u)
@@ -126,14 +126,15 @@ class _TokenScores(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         N = hidden.shape[0]
         if g_lp is None:
-            g_lp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+            g_lp = torch.zeros(tokens.shape, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             h, t = hidden[s:e], temperature[s:e]
-            a = (g_lp[s:e].float() / t)[:, None]  # upstream d/d lp, times d u / d z = 1 / T
+            a_x = g_lp[s:e].float() / t[:, None]  # upstream d/d lp per label, times d u / d z = 1 / T
+            a = a_x if a_x.shape[1] == 1 else a_x.sum(-1, keepdim=True)  # the labels' total: their -p_v terms add up
             g = _TokenScores.scaled_logits(h, weight, bias, t, upcast)  # u
             if with_ent:
                 p = torch.sub(g, lse[s:e, None]).exp_()
@@ -143,7 +144,7 @@ class _TokenScores(torch.autograd.Function):
                 del p
             else:
                 g.sub_(lse[s:e, None]).exp_().mul_(-a)  # u -> p -> -p a, in place
-            g.scatter_add_(1, tokens[s:e, None], a)
+            g.scatter_add_(1, tokens[s:e], a_x)  # + [v = x_j] a_j (a label given twice counts twice)
             if need_b:
                 grad_b.add_(g.sum(0))
             if weight.dtype != torch.float32:
@@ -165,13 +166,17 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                  entropy_grad: bool = True):
     """Full-vocabulary (log-probs [N], entropies [N]) of tokens [N] at hidden states [N, H] under the head
     (weight [V, H], bias [V]) at per-position temperatures [N], at most ``chunk_tokens`` x V logits alive
-    at a time, forward and backward. ``upcast``: logits accumulated in float32 whatever the model dtype.
+    at a time, forward and backward. ``tokens`` [N, J] scores J labels per position (log-probs [N, J]) with one
+    log-sum-exp, as a Multiplex step's K draws need; a label may repeat. ``upcast``: logits accumulated in
+    float32 whatever the model dtype.
     ``entropy_grad=False``: the entropies are a metric (non-differentiable), so the backward skips their
     gradient's vocabulary-sized work."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _TokenScores.apply(hidden, weight, bias, tokens, temperature.float(), int(chunk_tokens), bool(upcast),
-                              bool(entropy_grad))
+    labels = tokens[:, None] if tokens.dim() == 1 else tokens
+    lp, ent = _TokenScores.apply(hidden, weight, bias, labels, temperature.float(), int(chunk_tokens), bool(upcast),
+                                 bool(entropy_grad))
+    return (lp.squeeze(1) if tokens.dim() == 1 else lp), ent
 
 
 def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor):

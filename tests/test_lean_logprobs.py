@@ -114,6 +114,36 @@ def test_chunked_token_scores_equal_the_full_softmax_values_and_gradients(chunk)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_token_scores_of_several_labels_per_position_equal_the_full_softmax(entropy_grad):
+    """J = 3 labels per position (Multiplex's draws, one of them repeated in every row) through one chunked
+    log-sum-exp: values and gradients equal float64 log_softmax gathered at each label, with a separate upstream
+    weight per label (a repeated label's two gradients add up)."""
+    from soft_rl.lean_logprobs import token_scores
+
+    h, W, b, x, T, up = _head_problem()
+    g = torch.Generator().manual_seed(9)
+    labels = torch.stack([x, torch.randint(0, W.shape[0], x.shape, generator=g), x], -1)  # draws 0 and 2 repeat
+    up_lp = torch.randn(labels.shape, generator=g)
+
+    def run(chunked: bool):
+        hh, ww, bb = (t.clone().double().requires_grad_() for t in (h, W, b))
+        if chunked:
+            lp, ent = token_scores(hh.float(), ww.float(), bb.float(), labels, T, chunk_tokens=5,
+                                   entropy_grad=entropy_grad)
+        else:
+            logp = torch.log_softmax((hh @ ww.T + bb) / T.double()[:, None], -1)
+            lp, ent = logp.gather(1, labels), -(logp.exp() * logp).sum(-1)
+            if not entropy_grad:
+                ent = ent.detach()
+        loss = (up_lp.double() * lp).sum() + ((up[1].double() * ent).sum() if entropy_grad else 0.0)
+        loss.backward()
+        return [t.detach().double() for t in (lp, ent, hh.grad, ww.grad, bb.grad)]
+
+    for got, want, name in zip(run(True), run(False), ["logprob", "entropy", "d h", "d W", "d b"], strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=name)
+
+
 def test_chunked_token_scores_never_hold_the_full_logits():
     """Nothing of N x V elements is kept for the backward (the naive head keeps its logits: the probe
     sees them), and the forward's largest intermediate is one chunk x V."""
