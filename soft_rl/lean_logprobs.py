@@ -238,32 +238,47 @@ def head_logprobs(
     slots: torch.Tensor,
     density: str,
     noise: RowNoise,
+    full_vocab: torch.Tensor | None = None,
     with_entropy: bool = False,
     entropy_grad: bool = True,
 ):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
-    ``disc_scores`` = (log-probs, entropies) [Nd] at the discrete positions (``token_scores``; a pair
-    or stacked [2, Nd]) and
-    ``soft_logits`` [Ns, K] (logits at the stored ids) at the soft ones, both in position order.
+    ``disc_scores`` = (log-probs [Nd] or [Nd, J], entropies [Nd]) at the positions scored through the full
+    vocabulary (``token_scores``; a pair, or one [Nd, J + 1] tensor with the entropies last) and
+    ``soft_logits`` [Ns, K] (logits at the stored ids) at the other soft ones, both in position order.
+    ``full_vocab`` [N]: the positions of ``disc_scores`` (default: the discrete ones); a soft one among them (a
+    kind scored through the full vocabulary) is scored by its density from its J = K labels' log-probabilities.
     ``noise``: each of the N positions' request noise settings (``MicroBatch.noise``). With
-    ``with_entropy``: (log-probs, entropies [N]), full-vocabulary at discrete positions, over the K
-    density slots at soft ones (differentiable only with ``entropy_grad``: a metric-only entropy
+    ``with_entropy``: (log-probs, entropies [N]), full-vocabulary at full positions, over the K
+    density slots at lean soft ones (differentiable only with ``entropy_grad``: a metric-only entropy
     builds no graph)."""
     N = is_soft.shape[0]
+    full_vocab = ~is_soft if full_vocab is None else full_vocab
     out = torch.zeros(N, dtype=torch.float32, device=is_soft.device)
     ent = torch.zeros(N, dtype=torch.float32, device=is_soft.device) if with_entropy else None
-    disc = (~is_soft).nonzero().flatten()
-    soft = is_soft.nonzero().flatten()
-    if disc.numel():
-        d_lp, d_ent = disc_scores
-        out = out.index_put((disc,), d_lp.float())
+    full = full_vocab.nonzero().flatten()
+    lean = (is_soft & ~full_vocab).nonzero().flatten()
+    if full.numel():
+        if isinstance(disc_scores, torch.Tensor):
+            d_lp, d_ent = disc_scores[:, :-1], disc_scores[:, -1]
+        else:
+            d_lp, d_ent = disc_scores
+        d_lp = d_lp.float() if d_lp.dim() == 2 else d_lp.float()[:, None]
+        lp = d_lp[:, 0]  # a discrete position's token (its labels are copies of it)
+        soft_full = is_soft[full]
+        if bool(soft_full.any()):  # host sync only in batches holding such a kind
+            rows = full[soft_full]
+            scored = soft_logprob_rows(d_lp[soft_full], noisy[rows], density, noise.take(rows), slots[rows],
+                                       log_norm=torch.zeros(rows.numel(), device=d_lp.device))
+            lp = lp.index_put((soft_full.nonzero().flatten(),), scored.float())
+        out = out.index_put((full,), lp)
         if with_entropy:
-            ent = ent.index_put((disc,), d_ent if entropy_grad else d_ent.detach())
-    if soft.numel():
-        z = soft_logits.float() / temperature[soft, None]
-        lp = soft_logprob_rows(z, noisy[soft], density, noise.take(soft), slots[soft])
-        out = out.index_put((soft,), lp.float())
+            ent = ent.index_put((full,), d_ent if entropy_grad else d_ent.detach())
+    if lean.numel():
+        z = soft_logits.float() / temperature[lean, None]
+        lp = soft_logprob_rows(z, noisy[lean], density, noise.take(lean), slots[lean])
+        out = out.index_put((lean,), lp.float())
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-                ent = ent.index_put((soft,), entropy_from_logits(z, slots[soft]))
+                ent = ent.index_put((lean,), entropy_from_logits(z, slots[lean]))
     return (out, ent) if with_entropy else out

@@ -144,7 +144,7 @@ def run_micro_batch(hf, *, rows: int, seq_len: int, soft_frac: float, chunk: int
         x = x_cpu.to(device=device, dtype=dtype, copy=True)  # counted: a micro-batch builds its inputs
         disc, soft_logits = policy(x, *args)
         forward_live = m.live
-        loss = disc[0].sum() + soft_logits.sum() + (disc[1].sum() if entropy_grad else 0.0)
+        loss = disc[:, :-1].sum() + soft_logits.sum() + (disc[:, -1].sum() if entropy_grad else 0.0)
         loss.backward()
     for p in hf.parameters():
         p.grad = None
