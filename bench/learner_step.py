@@ -107,10 +107,10 @@ def train_step(policy: PolicyWithSoftHead, trajs, advantages: torch.Tensor) -> d
     t0 = time.perf_counter()
     with torch.no_grad():
         mb = build_micro_batch(policy.hf.get_input_embeddings().weight.detach(), trajs, DENSITY)
-    disc = ~mb.order_is_soft
     disc_scores, soft_logits = policy(mb.inputs_embeds, mb.attention_mask, mb.position_ids, mb.disc_rows,
-                                      mb.soft_rows, mb.soft_ids, mb.tokens[disc], mb.temperature[disc])
-    flat = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, noisy=mb.noisy,
+                                      mb.soft_rows, mb.soft_ids, mb.disc_labels, mb.temperature[mb.order_full])
+    flat = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
+                         noisy=mb.noisy,
                          temperature=mb.temperature, slots=mb.slots, density=DENSITY, noise=mb.noise)
     logp = pad_rows(flat, mb.lengths)
     old = logp.detach()  # first PPO epoch: old log-probs equal the current ones (ratio 1)

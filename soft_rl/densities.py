@@ -93,9 +93,12 @@ def soft_logprob(
     valid: torch.Tensor | None = None,
     clamp: tuple[float | torch.Tensor, float | torch.Tensor] | None = GUMBEL_CLAMP,
     dirichlet_alpha: float | torch.Tensor = 1.0,
+    log_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probability of soft steps, shape [...], from K gathered logits [..., K] and stored values, scored by
     the density ``mode`` (``DENSITIES``: official, exact, gumbel-max; each function's docstring has its formula).
+    A kind that scores through the full vocabulary (``NoiseKind.scores_full_vocab``) needs ``log_norm`` [...], the
+    full-vocabulary log-normaliser of the same scaled logits: its slots' log-probabilities are z_k - log_norm.
 
     ``logits_at_ids`` must already be divided by the sampling temperature. ``valid`` masks padding
     slots (requests with fewer than K slots) and should be ``density_slots(...)``: the slots the rollout's
@@ -112,7 +115,12 @@ def soft_logprob(
     out_dtype = torch.float64 if logits_at_ids.dtype == torch.float64 else torch.float32
     valid = _valid(noisy, valid)
     z = _compute_dtype(logits_at_ids).masked_fill(~valid, float("-inf"))
-    logp_hat = torch.log_softmax(z, dim=-1)  # softmax over the K stored ids only
+    if noise_kind(noise).scores_full_vocab:
+        if log_norm is None:
+            raise ValueError(f"noise={noise!r} is scored through the full vocabulary: pass log_norm")
+        logp_hat = z - _compute_dtype(torch.as_tensor(log_norm, device=z.device)).unsqueeze(-1)
+    else:
+        logp_hat = torch.log_softmax(z, dim=-1)  # softmax over the K stored ids only
     noisy = noisy.to(z.dtype)
     if clamp is not None:
         clamp = (_per_row(clamp[0], noisy), _per_row(clamp[1], noisy))
@@ -188,6 +196,14 @@ class RowNoise:
                    clamp_hi=col([c[1] for c in clamps]), alpha=col([a for *_, a in settings]),
                    kinds=tuple(sorted({n for (n, *_), c in zip(settings, soft_counts, strict=True) if c})))
 
+    def full_vocab(self) -> torch.Tensor:
+        """bool [N]: rows whose kind is scored through the full vocabulary (``NoiseKind.scores_full_vocab``)."""
+        out = torch.zeros_like(self.kind, dtype=torch.bool)
+        for name in self.kinds:
+            if NOISES[name].scores_full_vocab:
+                out |= self.kind == NOISE_KINDS.index(name)
+        return out
+
     def take(self, idx: torch.Tensor) -> RowNoise:
         return RowNoise(self.kind[idx], self.scale[idx], self.clamp_lo[idx], self.clamp_hi[idx], self.alpha[idx],
                         self.kinds)
@@ -198,8 +214,9 @@ class RowNoise:
 
 
 def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: str, rows: RowNoise,
-                      valid: torch.Tensor) -> torch.Tensor:
-    """``soft_logprob`` of N rows [N, K], each with its own noise kind and settings (``rows``)."""
+                      valid: torch.Tensor, log_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """``soft_logprob`` of N rows [N, K], each with its own noise kind and settings (``rows``); ``log_norm`` [N] for
+    rows of kinds scored through the full vocabulary."""
     untrainable = [k for k in rows.kinds if not NOISES[k].trainable]
     if untrainable:
         raise ValueError(f"a soft step drawn with noise={untrainable[0]!r} has no density: it cannot be scored "
@@ -208,7 +225,8 @@ def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: st
     def score(name, idx=None):
         pick = (lambda t: t) if idx is None else (lambda t: t[idx])
         return soft_logprob(pick(logits_at_ids), pick(noisy), mode, pick(rows.scale), noise=name, valid=pick(valid),
-                            clamp=(pick(rows.clamp_lo), pick(rows.clamp_hi)), dirichlet_alpha=pick(rows.alpha))
+                            clamp=(pick(rows.clamp_lo), pick(rows.clamp_hi)), dirichlet_alpha=pick(rows.alpha),
+                            log_norm=None if log_norm is None else pick(log_norm))
 
     if len(rows.kinds) == 1:
         return score(rows.kinds[0])
@@ -218,5 +236,6 @@ def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: st
     out = torch.zeros(logits_at_ids.shape[0], dtype=out_dtype, device=logits_at_ids.device)
     for name in rows.kinds:
         idx = (rows.kind == NOISE_KINDS.index(name)).nonzero().flatten()
-        out = out.index_put((idx,), score(name, idx))
+        if idx.numel():  # a kind of the batch may have no row here (another head scores it)
+            out = out.index_put((idx,), score(name, idx))
     return out

@@ -81,8 +81,8 @@ class _TokenScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, temperature, chunk: int, upcast: bool, entropy_grad: bool):
         N = hidden.shape[0]
-        lp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        ent, lse, mean_u = torch.empty_like(lp), torch.empty_like(lp), torch.empty_like(lp)
+        lp = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)  # [N, J]: J labels per position
+        ent, lse, mean_u = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             u = _TokenScores.scaled_logits(hidden[s:e], weight, bias, temperature[s:e], upcast)
@@ -95,7 +95,7 @@ class _TokenScores(torch.autograd.Function):
             del q
             lse[s:e] = m + log_z  # logsumexp(u) = max + log sum exp(y)
             mean_u[s:e] = m + mean_y
-            lp[s:e] = u.gather(1, tokens[s:e, None]).squeeze(1) - log_z  # y_x - log z = u_x - lse
+            lp[s:e] = u.gather(1, tokens[s:e]) - log_z[:, None]  # y_x - log z = u_x - lse, per label
             ent[s:e] = log_z - mean_y  # H = lse - E[u] = log z - E[y]
             del u
         ctx.save_for_backward(hidden, weight, bias, tokens, temperature, lse, mean_u)
@@ -126,14 +126,15 @@ class _TokenScores(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         N = hidden.shape[0]
         if g_lp is None:
-            g_lp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+            g_lp = torch.zeros(tokens.shape, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             h, t = hidden[s:e], temperature[s:e]
-            a = (g_lp[s:e].float() / t)[:, None]  # upstream d/d lp, times d u / d z = 1 / T
+            a_x = g_lp[s:e].float() / t[:, None]  # upstream d/d lp per label, times d u / d z = 1 / T
+            a = a_x if a_x.shape[1] == 1 else a_x.sum(-1, keepdim=True)  # the labels' total: their -p_v terms add up
             g = _TokenScores.scaled_logits(h, weight, bias, t, upcast)  # u
             if with_ent:
                 p = torch.sub(g, lse[s:e, None]).exp_()
@@ -143,7 +144,7 @@ class _TokenScores(torch.autograd.Function):
                 del p
             else:
                 g.sub_(lse[s:e, None]).exp_().mul_(-a)  # u -> p -> -p a, in place
-            g.scatter_add_(1, tokens[s:e, None], a)
+            g.scatter_add_(1, tokens[s:e], a_x)  # + [v = x_j] a_j (a label given twice counts twice)
             if need_b:
                 grad_b.add_(g.sum(0))
             if weight.dtype != torch.float32:
@@ -165,13 +166,17 @@ def token_scores(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                  entropy_grad: bool = True):
     """Full-vocabulary (log-probs [N], entropies [N]) of tokens [N] at hidden states [N, H] under the head
     (weight [V, H], bias [V]) at per-position temperatures [N], at most ``chunk_tokens`` x V logits alive
-    at a time, forward and backward. ``upcast``: logits accumulated in float32 whatever the model dtype.
+    at a time, forward and backward. ``tokens`` [N, J] scores J labels per position (log-probs [N, J]) with one
+    log-sum-exp, as a Multiplex step's K draws need; a label may repeat. ``upcast``: logits accumulated in
+    float32 whatever the model dtype.
     ``entropy_grad=False``: the entropies are a metric (non-differentiable), so the backward skips their
     gradient's vocabulary-sized work."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _TokenScores.apply(hidden, weight, bias, tokens, temperature.float(), int(chunk_tokens), bool(upcast),
-                              bool(entropy_grad))
+    labels = tokens[:, None] if tokens.dim() == 1 else tokens
+    lp, ent = _TokenScores.apply(hidden, weight, bias, labels, temperature.float(), int(chunk_tokens), bool(upcast),
+                                 bool(entropy_grad))
+    return (lp.squeeze(1) if tokens.dim() == 1 else lp), ent
 
 
 def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor):
@@ -233,32 +238,47 @@ def head_logprobs(
     slots: torch.Tensor,
     density: str,
     noise: RowNoise,
+    full_vocab: torch.Tensor | None = None,
     with_entropy: bool = False,
     entropy_grad: bool = True,
 ):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
-    ``disc_scores`` = (log-probs, entropies) [Nd] at the discrete positions (``token_scores``; a pair
-    or stacked [2, Nd]) and
-    ``soft_logits`` [Ns, K] (logits at the stored ids) at the soft ones, both in position order.
+    ``disc_scores`` = (log-probs [Nd] or [Nd, J], entropies [Nd]) at the positions scored through the full
+    vocabulary (``token_scores``; a pair, or one [Nd, J + 1] tensor with the entropies last) and
+    ``soft_logits`` [Ns, K] (logits at the stored ids) at the other soft ones, both in position order.
+    ``full_vocab`` [N]: the positions of ``disc_scores`` (default: the discrete ones); a soft one among them (a
+    kind scored through the full vocabulary) is scored by its density from its J = K labels' log-probabilities.
     ``noise``: each of the N positions' request noise settings (``MicroBatch.noise``). With
-    ``with_entropy``: (log-probs, entropies [N]), full-vocabulary at discrete positions, over the K
-    density slots at soft ones (differentiable only with ``entropy_grad``: a metric-only entropy
+    ``with_entropy``: (log-probs, entropies [N]), full-vocabulary at full positions, over the K
+    density slots at lean soft ones (differentiable only with ``entropy_grad``: a metric-only entropy
     builds no graph)."""
     N = is_soft.shape[0]
+    full_vocab = ~is_soft if full_vocab is None else full_vocab
     out = torch.zeros(N, dtype=torch.float32, device=is_soft.device)
     ent = torch.zeros(N, dtype=torch.float32, device=is_soft.device) if with_entropy else None
-    disc = (~is_soft).nonzero().flatten()
-    soft = is_soft.nonzero().flatten()
-    if disc.numel():
-        d_lp, d_ent = disc_scores
-        out = out.index_put((disc,), d_lp.float())
+    full = full_vocab.nonzero().flatten()
+    lean = (is_soft & ~full_vocab).nonzero().flatten()
+    if full.numel():
+        if isinstance(disc_scores, torch.Tensor):
+            d_lp, d_ent = disc_scores[:, :-1], disc_scores[:, -1]
+        else:
+            d_lp, d_ent = disc_scores
+        d_lp = d_lp.float() if d_lp.dim() == 2 else d_lp.float()[:, None]
+        lp = d_lp[:, 0]  # a discrete position's token (its labels are copies of it)
+        soft_full = is_soft[full]
+        if bool(soft_full.any()):  # host sync only in batches holding such a kind
+            rows = full[soft_full]
+            scored = soft_logprob_rows(d_lp[soft_full], noisy[rows], density, noise.take(rows), slots[rows],
+                                       log_norm=torch.zeros(rows.numel(), device=d_lp.device))
+            lp = lp.index_put((soft_full.nonzero().flatten(),), scored.float())
+        out = out.index_put((full,), lp)
         if with_entropy:
-            ent = ent.index_put((disc,), d_ent if entropy_grad else d_ent.detach())
-    if soft.numel():
-        z = soft_logits.float() / temperature[soft, None]
-        lp = soft_logprob_rows(z, noisy[soft], density, noise.take(soft), slots[soft])
-        out = out.index_put((soft,), lp.float())
+            ent = ent.index_put((full,), d_ent if entropy_grad else d_ent.detach())
+    if lean.numel():
+        z = soft_logits.float() / temperature[lean, None]
+        lp = soft_logprob_rows(z, noisy[lean], density, noise.take(lean), slots[lean])
+        out = out.index_put((lean,), lp.float())
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
-                ent = ent.index_put((soft,), entropy_from_logits(z, slots[soft]))
+                ent = ent.index_put((lean,), entropy_from_logits(z, slots[lean]))
     return (out, ent) if with_entropy else out

@@ -46,11 +46,14 @@ class MicroBatch:
     inputs_embeds: torch.Tensor  # [B, L, H] detached
     attention_mask: torch.Tensor  # [B, L]
     position_ids: torch.Tensor  # [B, L]
-    disc_rows: torch.Tensor  # flat indices (b * L + s) of discrete scored positions
-    soft_rows: torch.Tensor  # flat indices of soft scored positions
+    disc_rows: torch.Tensor  # flat indices (b * L + s) of the positions scored through the full vocabulary
+    soft_rows: torch.Tensor  # flat indices of soft scored positions scored by their K logits (the lean head)
     soft_ids: torch.Tensor  # [Ns, K]
+    disc_labels: torch.Tensor  # [Nd, J] the labels scored at disc_rows: the token (J = 1), or with soft steps of a
+    # kind scored through the full vocabulary in the batch their K ids (J = K; a discrete step's ids are K copies)
     # per scored position, in the order: all positions of trajectory 0, then 1, ... (length N)
     order_is_soft: torch.Tensor  # [N] bool
+    order_full: torch.Tensor  # [N] bool: scored through the full vocabulary (discrete, or a full-vocabulary kind)
     tokens: torch.Tensor  # [N]
     noisy: torch.Tensor  # [N, K]
     temperature: torch.Tensor  # [N]
@@ -84,11 +87,15 @@ def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory
                                      t.sampling.dirichlet_alpha) for t in trajs],
                                    [t.num_tokens for t in trajs], [t.num_soft for t in trajs])
     flat_t, soft_t = torch.cat(flat), torch.cat(is_soft)
-    ids_t = torch.cat(ids)
+    ids_t, tokens_t = torch.cat(ids), torch.cat(tokens)
+    full_t = ~soft_t | (soft_t & noise.full_vocab())
+    lean_t = soft_t & ~full_t
+    labels = ids_t[full_t] if bool((soft_t & full_t).any()) else tokens_t[full_t, None]
     return MicroBatch(
         inputs_embeds=x, attention_mask=attn, position_ids=pos,
-        disc_rows=flat_t[~soft_t].to(dev), soft_rows=flat_t[soft_t].to(dev), soft_ids=ids_t[soft_t].to(dev),
-        order_is_soft=soft_t.to(dev), tokens=torch.cat(tokens).to(dev), noisy=torch.cat(noisy).to(dev),
+        disc_rows=flat_t[full_t].to(dev), soft_rows=flat_t[lean_t].to(dev), soft_ids=ids_t[lean_t].to(dev),
+        disc_labels=labels.to(dev), order_is_soft=soft_t.to(dev), order_full=full_t.to(dev),
+        tokens=tokens_t.to(dev), noisy=torch.cat(noisy).to(dev),
         temperature=torch.cat(temps).to(dev), slots=torch.cat(slots).to(dev), noise=noise.to(dev), lengths=lengths)
 
 

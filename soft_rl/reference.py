@@ -148,7 +148,7 @@ def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str) -> t
     clamp = s.noise_clamp
     valid = density_slots(traj.slot_valid(), traj.kept, density).to(logits.device)
     soft = soft_logprob(zt.gather(1, ids), traj.noisy.to(logits.device), density, s.noise_scale, noise=s.noise,
-                        valid=valid, clamp=clamp, dirichlet_alpha=s.dirichlet_alpha)
+                        valid=valid, clamp=clamp, dirichlet_alpha=s.dirichlet_alpha, log_norm=torch.logsumexp(zt, -1))
     return torch.where(traj.is_soft.to(logits.device), soft, discrete)
 
 
@@ -157,7 +157,7 @@ def position_entropy(logits: torch.Tensor, traj: Trajectory, density: str) -> to
     density slots (p-hat) at soft ones (see ``soft_rl.losses.entropy_from_logits``)."""
     zt = logits.float() / traj.position_temperatures().to(logits.device)[:, None]
     full = entropy_from_logits(zt)
-    if not bool(traj.is_soft.any()):
+    if not bool(traj.is_soft.any()) or noise_kind(traj.sampling.noise).scores_full_vocab:
         return full
     valid = density_slots(traj.slot_valid(), traj.kept, density).to(logits.device)
     soft = entropy_from_logits(zt.gather(1, traj.topk_ids.to(logits.device)), valid)

@@ -320,7 +320,7 @@ def soft_sample(
         else:
             lp = soft_logprob(z_at_ids, y, density, params.noise_scale, noise=name,
                               valid=density_slots(valid_sorted, kept, density),
-                              clamp=clamp, dirichlet_alpha=params.dirichlet_alpha)
+                              clamp=clamp, dirichlet_alpha=params.dirichlet_alpha, log_norm=log_norm)
         logprob = torch.where(soft & (params.noise == NOISE_CODES[name]), lp, logprob)
 
     out = SampleOutput(ids=ids, noisy=y, weights=w, token=token, is_soft=soft, logprob=logprob,

@@ -92,6 +92,52 @@ def _head_problem(N=37, H=16, V=101, seed=0):
             torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g) + 0.5, torch.randn(2, N, generator=g))
 
 
+def test_multiplex_steps_are_scored_through_the_full_vocabulary_head(tiny_hf, tiny_tokenizer):
+    """A micro-batch mixing Multiplex (both weightings), Gumbel and discrete requests under density=exact: the
+    Multiplex soft steps go through the chunked full-vocabulary head with their K draws as labels (the Gumbel ones
+    through the lean head), and the log-probs and entropies equal the HF reference's per-trajectory scoring
+    (position_logprobs: sum_j log softmax(z / T)[i_j] at a Multiplex step)."""
+    from soft_rl.lean_logprobs import head_logprobs, token_scores
+    from soft_rl.learner_batch import build_micro_batch, pad_rows
+    from soft_rl.reference import position_entropy
+
+    _, model = tiny_hf
+    settings = [dict(noise="multiplex", k=3, top_k=-1, top_p=0.9), dict(noise="gumbel"),
+                dict(noise="multiplex_uniform", k=3, top_k=8, temperature=1.3), dict(soft=False)]
+    prompts = [list(tiny_tokenizer.encode(f"question {i}: 3 + {i} =")) for i in range(len(settings))]
+    params = [SoftSamplingParams(seed=40 + i, thinking_budget=8, **kw) for i, kw in enumerate(settings)]
+    trajs = generate(model, prompts, params, max_new_tokens=12, eos_token_ids=[], tokenizer=tiny_tokenizer,
+                     density="exact")
+    assert all(t.num_soft > 2 for t in trajs[:3])
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        mb = build_micro_batch(model.get_input_embeddings().weight, trajs, "exact")
+        assert mb.disc_labels.shape[1] == mb.soft_ids.shape[1] > 1  # K labels per full-vocabulary position
+        assert int((mb.order_is_soft & mb.order_full).sum()) == trajs[0].num_soft + trajs[2].num_soft
+        h = model.model(inputs_embeds=mb.inputs_embeds, attention_mask=mb.attention_mask,
+                        position_ids=mb.position_ids).last_hidden_state.reshape(-1, head.weight.shape[1])
+        disc_scores = token_scores(h[mb.disc_rows], head.weight, None, mb.disc_labels, mb.temperature[mb.order_full])
+        soft_logits = torch.einsum("nh,nkh->nk", h[mb.soft_rows], head.weight[mb.soft_ids])
+        got, got_ent = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
+                                     noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density="exact",
+                                     noise=mb.noise, with_entropy=True)
+        want, want_ent = [], []
+        for t in trajs:
+            P, R = t.prompt_ids.shape[0], t.num_tokens
+            x = build_inputs_embeds(model.get_input_embeddings().weight, t)[None]
+            logits = model(inputs_embeds=x).logits[0, P - 1: P - 1 + R]
+            want.append(position_logprobs(logits, t, "exact"))
+            want_ent.append(position_entropy(logits, t, "exact"))
+    torch.testing.assert_close(pad_rows(got, mb.lengths), pad_rows(torch.cat(want), mb.lengths), atol=2e-5,
+                               rtol=1e-6)
+    torch.testing.assert_close(pad_rows(got_ent, mb.lengths), pad_rows(torch.cat(want_ent), mb.lengths), atol=2e-5,
+                               rtol=1e-6)
+    # the rollout's own log-prob of a Multiplex step is the same joint draw log-probability
+    t = trajs[0]
+    torch.testing.assert_close(t.logprobs[t.is_soft], torch.cat(want)[: t.num_tokens][t.is_soft], atol=2e-5,
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 37, 1000])
 def test_chunked_token_scores_equal_the_full_softmax_values_and_gradients(chunk):
     """token_scores (chunked forward, recomputing backward) against log_softmax and the entropy of one
@@ -108,6 +154,36 @@ def test_chunked_token_scores_equal_the_full_softmax_values_and_gradients(chunk)
             logp = torch.log_softmax((hh @ ww.T + bb) / T.double()[:, None], -1)
             lp, ent = logp.gather(1, x[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
         ((up[0].double() * lp).sum() + (up[1].double() * ent).sum()).backward()
+        return [t.detach().double() for t in (lp, ent, hh.grad, ww.grad, bb.grad)]
+
+    for got, want, name in zip(run(True), run(False), ["logprob", "entropy", "d h", "d W", "d b"], strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_token_scores_of_several_labels_per_position_equal_the_full_softmax(entropy_grad):
+    """J = 3 labels per position (Multiplex's draws, one of them repeated in every row) through one chunked
+    log-sum-exp: values and gradients equal float64 log_softmax gathered at each label, with a separate upstream
+    weight per label (a repeated label's two gradients add up)."""
+    from soft_rl.lean_logprobs import token_scores
+
+    h, W, b, x, T, up = _head_problem()
+    g = torch.Generator().manual_seed(9)
+    labels = torch.stack([x, torch.randint(0, W.shape[0], x.shape, generator=g), x], -1)  # draws 0 and 2 repeat
+    up_lp = torch.randn(labels.shape, generator=g)
+
+    def run(chunked: bool):
+        hh, ww, bb = (t.clone().double().requires_grad_() for t in (h, W, b))
+        if chunked:
+            lp, ent = token_scores(hh.float(), ww.float(), bb.float(), labels, T, chunk_tokens=5,
+                                   entropy_grad=entropy_grad)
+        else:
+            logp = torch.log_softmax((hh @ ww.T + bb) / T.double()[:, None], -1)
+            lp, ent = logp.gather(1, labels), -(logp.exp() * logp).sum(-1)
+            if not entropy_grad:
+                ent = ent.detach()
+        loss = (up_lp.double() * lp).sum() + ((up[1].double() * ent).sum() if entropy_grad else 0.0)
+        loss.backward()
         return [t.detach().double() for t in (lp, ent, hh.grad, ww.grad, bb.grad)]
 
     for got, want, name in zip(run(True), run(False), ["logprob", "entropy", "d h", "d W", "d b"], strict=True):

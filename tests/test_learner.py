@@ -16,11 +16,12 @@ from soft_rl.single_process import UpdateConfig, grpo_update
 pytestmark = pytest.mark.slow
 
 
-def make_batch(model, tok, soft: bool, n_prompts=4, n=4, budget=lambda i: 4 + i % 3):
+def make_batch(model, tok, soft: bool, n_prompts=4, n=4, budget=lambda i: 4 + i % 3, density="official",
+               **sampling):
     prompts = [list(tok.encode(f"q{i}: {i} plus {2 * i} is")) for i in range(n_prompts) for _ in range(n)]
-    params = [SoftSamplingParams(seed=100 + i, soft=soft, thinking_budget=budget(i), answer_temperature=0.8)
-              for i in range(len(prompts))]
-    trajs = generate(model, prompts, params, max_new_tokens=10, eos_token_ids=[], tokenizer=tok)
+    params = [SoftSamplingParams(seed=100 + i, soft=soft, thinking_budget=budget(i), answer_temperature=0.8,
+                                 **sampling) for i in range(len(prompts))]
+    trajs = generate(model, prompts, params, max_new_tokens=10, eos_token_ids=[], tokenizer=tok, density=density)
     g = torch.Generator().manual_seed(7)
     rewards = torch.randint(0, 2, (len(trajs),), generator=g).float()
     group = torch.arange(n_prompts).repeat_interleave(n)
@@ -28,7 +29,8 @@ def make_batch(model, tok, soft: bool, n_prompts=4, n=4, budget=lambda i: 4 + i 
 
 
 def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_coef: float = 0.0,
-                                 entropy_coef: float = 0.0, batch_kw=None, **learner_kw):
+                                 entropy_coef: float = 0.0, batch_kw=None, rollout_parity: bool = False,
+                                 **learner_kw):
     """k optimizer steps on 2 DeepSpeed ranks vs the pure-torch single-process update, same batch."""
     from transformers import AutoModelForCausalLM
 
@@ -45,7 +47,7 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
                                   adam_eps=1e-4, sync_timeout_s=120, logit_chunk_tokens=7), **learner_kw})
     # independent entropy reference at the initial weights: full HF logits, token mean per mini-batch
     with torch.no_grad():
-        _, ents = teacher_forced_logprobs(model, trajs, with_entropy=True)
+        _, ents = teacher_forced_logprobs(model, trajs, with_entropy=True, density=cfg.density)
     chunks = torch.arange(len(trajs)).chunk(cfg.mini_batches)
     ent0 = [sum(float((ents[i] * ~trajs[i].forced).sum()) for i in idx.tolist())
             / sum(int((~trajs[i].forced).sum()) for i in idx.tolist()) for idx in chunks]
@@ -75,6 +77,9 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
         else:
             assert learners.loaded_elements == [total] * 2
         adv = compute_advantages("grpo", rewards, group)
+        if rollout_parity:  # before any update the learners score every position as the rollout did: ratio 1
+            for t, lp in zip(trajs, learners.logprobs(trajs), strict=True):
+                torch.testing.assert_close(lp, t.logprobs, atol=2e-5, rtol=1e-6)
         for step in range(steps):
             old = learners.logprobs(trajs)
             ref = learners.logprobs(trajs, "ref") if kl_coef else None
@@ -129,6 +134,15 @@ def test_density_modes_match_single_process(ray_cluster, tiny_dir, tiny_tokenize
     """The other density modes (the official one is every other test's) through 2 ZeRO-2 ranks: the learners
     score soft steps with the configured density, as the pure-torch update does."""
     _compare_with_single_process(tiny_dir, tiny_tokenizer, 2, True, density=density)
+
+
+@pytest.mark.parametrize("noise", ["multiplex", "multiplex_uniform"])
+def test_multiplex_matches_single_process_and_the_rollout(ray_cluster, tiny_dir, tiny_tokenizer, noise):
+    """Multiplex steps (scored through the full-vocabulary head, K draws as labels, density=exact: the joint ratio)
+    on 2 ZeRO-3 ranks: before an update the learners' log-probs equal the rollout's at every position, and two
+    steps equal the pure-torch update."""
+    _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, density="exact", rollout_parity=True,
+                                 batch_kw=dict(density="exact", noise=noise, k=3, top_k=-1, top_p=0.9))
 
 
 def test_kl_reference_and_entropy_bonus_match_single_process(ray_cluster, tiny_dir, tiny_tokenizer):

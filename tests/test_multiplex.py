@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from soft_rl import rng
+from soft_rl.config import ConfigError, load_config
 from soft_rl.sampling import SamplingBatch, SoftSamplingParams, mix_embeddings, soft_sample
 
 V = 40
@@ -117,3 +119,17 @@ def test_a_truncated_thinking_phase_draws_only_kept_tokens_and_the_answer_phase_
     ans = soft_sample(z.expand(8, V), batch, rng.NoiseCounters(torch.arange(8), torch.zeros(8, dtype=torch.int64)))
     assert not bool(ans.is_soft.any()) and bool((ans.ids == ans.token[:, None]).all())
     assert torch.equal(ans.weights, torch.tensor([[1.0, 0.0, 0.0]]).expand(8, 3))
+
+
+def test_a_steps_density_is_the_joint_log_probability_of_its_draws():
+    """density=exact scores a Multiplex step as sum_j log softmax(z / T)[i_j] over the full vocabulary, untruncated
+    (the official learner's per-draw log-probabilities, summed: one joint ratio); the official masked-mean and
+    gumbel-max modes do not score it, and the config says so."""
+    z, T = _logits(4), 0.7
+    out = _draws(SoftSamplingParams(noise="multiplex", k=3, top_k=10, top_p=0.9, temperature=T), z, 64)
+    ref = torch.log_softmax(z.double() / T, -1)[out.ids].sum(-1)
+    torch.testing.assert_close(out.logprob.double(), ref, atol=1e-5, rtol=1e-6)
+    assert load_config(None, ["model.path=x", "rollout.noise=multiplex", "learner.density=exact"])
+    for density in ("official", "gumbel-max"):
+        with pytest.raises(ConfigError, match="learner.density"):
+            load_config(None, ["model.path=x", "rollout.noise=multiplex", f"learner.density={density}"])

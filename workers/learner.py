@@ -67,8 +67,9 @@ class PolicyWithSoftHead(torch.nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, disc_rows, soft_rows, soft_ids,
                 disc_tokens, disc_temperature):
-        """(log-probs and entropies [2, Nd] of the discrete positions' tokens, logits [Ns, K] at the soft
-        positions' stored ids). One tensor per kind: ZeRO-3 records a backward hook per output tensor that
+        """(log-probs of the labels [Nd, J] and entropies [Nd] of the positions scored through the full vocabulary,
+        as one [Nd, J + 1] tensor, and logits [Ns, K] at the lean soft positions' stored ids). One tensor per kind:
+        ZeRO-3 records a backward hook per output tensor that
         receives a gradient, and its module trace must not depend on whether the loss uses the entropy. With
         ``entropy_grad`` off the entropy row is non-differentiable, but the stacked tensor still receives the
         log-probs' gradient: the same outputs and trace either way."""
@@ -85,7 +86,8 @@ class PolicyWithSoftHead(torch.nn.Module):
             soft_logits = soft_logits + head.bias[soft_ids].to(soft_logits.dtype)
         disc = token_scores(flat[disc_rows], head.weight, head.bias, disc_tokens, disc_temperature,
                             chunk_tokens=self.logit_chunk_tokens, upcast=self.head_fp32, entropy_grad=self.entropy_grad)
-        return torch.stack(disc), soft_logits
+        lp, ent = disc
+        return torch.cat([lp if lp.dim() == 2 else lp[:, None], ent[:, None]], -1), soft_logits
 
 
 class _NonFiniteStepGuard:
@@ -328,11 +330,10 @@ class LearnerWorker:
         trajectory lengths; with ``with_entropy`` the log-probs are a (log-probs, entropies) pair."""
         module = engine.module if hasattr(engine, "module") else engine
         mb = self._micro_batch(module, trajs)
-        disc = ~mb.order_is_soft
         disc_scores, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
                                           mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids,
-                                          mb.tokens[disc], mb.temperature[disc])
-        return head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft,
+                                          mb.disc_labels, mb.temperature[mb.order_full])
+        return head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
                              noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
                              noise=mb.noise, with_entropy=with_entropy, entropy_grad=entropy_grad), mb.lengths
 

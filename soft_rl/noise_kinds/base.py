@@ -69,7 +69,10 @@ class NoiseKind:
     truncation dropped them); unset, the slots are the K most likely candidates. ``sorts_slots``: the sampler orders
     the slots by weight and emits the slot with the largest stored value (the SofT-GRPO rollout); otherwise the slots
     stay in drawn order and slot 0 is emitted. ``samples_kept_set``: the slots are drawn from the whole kept set, so
-    a step needs every candidate the truncation keeps (as a discrete step does), not only the top K."""
+    a step needs every candidate the truncation keeps (as a discrete step does), not only the top K.
+    ``scores_full_vocab``: its scores read the slots' full-vocabulary log-probabilities log softmax(z / T)[i_k] (passed
+    as ``logp_hat``, with ``p_hat`` their exponentials), not p-hat over the K slots: the learner scores such a step
+    through the chunked full-vocabulary head, as a discrete token."""
 
     name: str
     draw: Callable[[DrawContext], torch.Tensor]
@@ -79,6 +82,7 @@ class NoiseKind:
     draw_slots: SlotDraw | None = None
     sorts_slots: bool = True
     samples_kept_set: bool = False
+    scores_full_vocab: bool = False
 
     @property
     def trainable(self) -> bool:

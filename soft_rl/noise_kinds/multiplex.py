@@ -43,7 +43,18 @@ def weights(noisy: torch.Tensor, tau, valid: torch.Tensor) -> torch.Tensor:
     return torch.softmax(noisy.float().masked_fill(~valid, float("-inf")), dim=-1)
 
 
-MULTIPLEX = register_noise(NoiseKind("multiplex", draw_prob, weights, {}, __doc__, draw_slots=draw_slots,
-                                     sorts_slots=False, samples_kept_set=True))
-MULTIPLEX_UNIFORM = register_noise(NoiseKind("multiplex_uniform", draw_uniform, weights, {}, __doc__,
-                                             draw_slots=draw_slots, sorts_slots=False, samples_kept_set=True))
+def exact(logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
+    """The joint log-probability of the K ordered draws, L = sum_j log p(i_j), with p the full-vocabulary softmax at
+    the step's temperature (``logp_hat`` holds log p(i_j) here: the kind scores through the full vocabulary). The
+    draws come from the truncated q = p / S on the kept set; log S is a sum over that set, which the official learner
+    leaves out (it scores log p without the truncation, as answer tokens are scored), and so does this one.
+    One PPO ratio per step (the joint ratio); the per-draw ratios of the official loss are not implemented."""
+    return torch.where(valid, logp_hat, torch.zeros_like(logp_hat)).sum(-1)
+
+
+_SCORES = {"exact": exact}
+MULTIPLEX = register_noise(NoiseKind("multiplex", draw_prob, weights, _SCORES, __doc__, draw_slots=draw_slots,
+                                     sorts_slots=False, samples_kept_set=True, scores_full_vocab=True))
+MULTIPLEX_UNIFORM = register_noise(NoiseKind("multiplex_uniform", draw_uniform, weights, _SCORES, __doc__,
+                                             draw_slots=draw_slots, sorts_slots=False, samples_kept_set=True,
+                                             scores_full_vocab=True))
