@@ -107,9 +107,11 @@ def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
             sd = [statistics.stdev(r[k - 1] for r in runs) if len(runs) > 1 else 0.0 for k in ks]
             line, = ax.plot(ks, mean, marker="o", markersize=3, label=model,
                             linestyle="--" if model == "start" else "-")
-            ax.fill_between(ks, [m - d for m, d in zip(mean, sd, strict=True)],
-                            [m + d for m, d in zip(mean, sd, strict=True)], color=line.get_color(), alpha=0.15)
+            ax.fill_between(ks, [max(0.0, m - d) for m, d in zip(mean, sd, strict=True)],
+                            [min(1.0, m + d) for m, d in zip(mean, sd, strict=True)], color=line.get_color(),
+                            alpha=0.15)  # +- sd over seeds, within [0, 1]
         ax.set_xscale("log", base=2)
+        ax.set_ylim(0.0, 1.02)
         ax.set_xlabel("k")
         ax.set_title(f"{decoding} decoding")
         ax.grid(True, alpha=0.3)
