@@ -29,6 +29,7 @@ from soft_rl.noise_kinds import (  # noqa: F401  (re-exported: the constants' pu
     OFFICIAL_GUMBEL_MASK,
     OFFICIAL_PROB_MASK,
     noise_kind,
+    rows_where,
 )
 from soft_rl.noise_kinds.base import gamma_logpdf, gumbel_logpdf, normal_logpdf  # noqa: F401
 
@@ -198,11 +199,7 @@ class RowNoise:
 
     def full_vocab(self) -> torch.Tensor:
         """bool [N]: rows whose kind is scored through the full vocabulary (``NoiseKind.scores_full_vocab``)."""
-        out = torch.zeros_like(self.kind, dtype=torch.bool)
-        for name in self.kinds:
-            if NOISES[name].scores_full_vocab:
-                out |= self.kind == NOISE_KINDS.index(name)
-        return out
+        return rows_where(self.kind, self.kinds, lambda kind: kind.scores_full_vocab)
 
     def take(self, idx: torch.Tensor) -> RowNoise:
         return RowNoise(self.kind[idx], self.scale[idx], self.clamp_lo[idx], self.clamp_hi[idx], self.alpha[idx],

@@ -35,7 +35,7 @@ import torch
 
 from soft_rl import rng
 from soft_rl.densities import density_mode, density_slots, soft_logprob
-from soft_rl.noise_kinds import EPS_LOG, GUMBEL_CLAMP, NOISE_CODES, NOISE_KINDS, NOISES, DrawContext
+from soft_rl.noise_kinds import EPS_LOG, GUMBEL_CLAMP, NOISE_CODES, NOISE_KINDS, NOISES, DrawContext, rows_where
 
 
 @dataclass
@@ -264,7 +264,7 @@ def soft_sample(
     # draws its slots from the kept set.
     if candidates is not None:
         C = min(V, candidates)
-    elif bool(((~soft & ~forced) | (soft & _rows_of(params, kinds, lambda kind: kind.samples_kept_set)))
+    elif bool(((~soft & ~forced) | (soft & rows_where(params.noise, kinds, lambda kind: kind.samples_kept_set)))
                .logical_and(top_k <= 0).any()):
         C = V
     else:
@@ -292,7 +292,7 @@ def soft_sample(
     w = _weights_by_kind(y, params, valid, kinds)
     # Sort slots by weight (descending); ties keep slot order. Padding slots have w = 0. Kinds that keep their draw
     # order (and emit slot 0) are left as drawn.
-    sorts = _rows_of(params, kinds, lambda kind: kind.sorts_slots)
+    sorts = rows_where(params.noise, kinds, lambda kind: kind.sorts_slots)
     order = torch.where(sorts[:, None], torch.argsort(w.masked_fill(~valid, -1.0), dim=-1, descending=True,
                                                       stable=True), top)
     ids, y, valid_sorted = ids.gather(1, order), y.gather(1, order), valid.gather(1, order)
@@ -354,15 +354,6 @@ def _by_kind(params: SamplingBatch, kinds: tuple[str, ...], fn, like: torch.Tens
     for name in kinds:
         out = torch.where((params.noise == NOISE_CODES[name])[:, None], fn(NOISES[name]), out)
     return out
-
-
-def _rows_of(params: SamplingBatch, kinds: tuple[str, ...], has) -> torch.Tensor:
-    """bool [B]: the rows whose noise kind ``has(kind)``."""
-    rows = torch.zeros_like(params.noise, dtype=torch.bool)
-    for name in kinds:
-        if has(NOISES[name]):
-            rows = rows | (params.noise == NOISE_CODES[name])
-    return rows
 
 
 def _weights_by_kind(y, params: SamplingBatch, valid, kinds):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from soft_rl import rng
-from soft_rl.noise_kinds.base import DrawContext, NoiseKind, register_noise
+from soft_rl.noise_kinds.base import DrawContext, NoiseKind, register_noise, softmax_weights
 
 STREAM_MULTIPLEX = 64  # + draw index j: one stream per draw
 
@@ -39,8 +39,9 @@ def draw_uniform(ctx: DrawContext) -> torch.Tensor:
 
 
 def weights(noisy: torch.Tensor, tau, valid: torch.Tensor) -> torch.Tensor:
-    """w = softmax(y) over the valid slots (q renormalised over the draws, duplicates counted; uniform for y = 0)."""
-    return torch.softmax(noisy.float().masked_fill(~valid, float("-inf")), dim=-1)
+    """w = softmax(y) over the valid slots (q renormalised over the draws, duplicates counted; uniform for y = 0):
+    tau_g does not enter."""
+    return softmax_weights(noisy, 1.0, valid)
 
 
 def exact(logp_hat, p_hat, noisy, valid, scale, clamp, alpha):
