@@ -10,7 +10,8 @@ overrides). Arms (``ARMS``; ``--arm`` adds one by name, e.g. a method registered
 
 - ``grpo``: token sampling in both phases (``rollout.soft=false``);
 - ``softgrpo-official`` / ``-exact`` / ``-gumbel-max``: soft thinking with Gumbel noise, soft steps scored by that
-  density (``learner.density``).
+  density (``learner.density``);
+- ``multiplex``: Multiplex Thinking (K = 3 draws per thinking step, one clipped ratio per draw).
 
 The start and every trained model are evaluated on the first ``--problems`` held-out problems with ``--n``
 samples each and the same sampler for every arm (T 1.0, top-k 5, top-p 0.95, K 5, tau_g 0.1, Gumbel noise),
@@ -46,6 +47,9 @@ ARMS = {
     "softgrpo-official": ["rollout.soft=true", "learner.density=official"],
     "softgrpo-exact": ["rollout.soft=true", "learner.density=exact"],
     "softgrpo-gumbel-max": ["rollout.soft=true", "learner.density=gumbel-max"],
+    # Multiplex Thinking with the paper's K = 3 and its official per-draw loss, on the toy's training sampler
+    "multiplex": ["rollout.soft=true", "rollout.noise=multiplex", "rollout.k=3", "learner.density=exact",
+                  "learner.multiplex_ratio=per_draw"],
 }
 # task -> (its toy-init directory under .cache, its preset overrides, its generation budget)
 TASKS = {

@@ -22,6 +22,9 @@ from soft_rl.lr_schedule import LR_SCHEDULES
 from soft_rl.noise_kinds import NOISES
 from soft_rl.sampling import SoftSamplingParams
 
+# the values of rollout.noise: every registered kind but the variants another key selects
+ROLLOUT_NOISES = [name for name in NOISES if name != "multiplex_uniform"]
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
@@ -54,7 +57,10 @@ class RolloutConfig:
     answer_min_p: float | None = None
     k: int = 5  # soft slots K
     tau: float = 0.1  # Gumbel-softmax temperature tau_g
-    noise: str = "gumbel"  # a soft_rl.noise_kinds kind: gumbel | dirichlet | gaussian | none
+    noise: str = "gumbel"  # a soft_rl.noise_kinds kind: gumbel | dirichlet | gaussian | none | multiplex
+    # noise=multiplex: the next input weighs the K draws by their probabilities renormalised over the draws (prob)
+    # or equally (uniform: the official enable_unweighting)
+    multiplex_weights: str = "prob"
     noise_scale: float = 1.0  # lambda
     noise_clamp: list[float] | None = field(default_factory=lambda: [-1.5, 3.0])
     dirichlet_alpha: float = 1.0
@@ -92,12 +98,20 @@ class RolloutConfig:
         p.validate()
         return p
 
+    @property
+    def noise_kind(self) -> str:
+        """The registered noise kind (soft_rl.noise_kinds) the sampler runs: ``noise``, with the variant a
+        method's own key picks (``multiplex_weights=uniform``: ``multiplex_uniform``)."""
+        if self.noise == "multiplex" and self.multiplex_weights == "uniform":
+            return "multiplex_uniform"
+        return self.noise
+
     def sampling_params(self, seed: int) -> SoftSamplingParams:
         return SoftSamplingParams(
             soft=self.soft, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             answer_temperature=self.answer_temperature, answer_top_k=self.answer_top_k,
             answer_top_p=self.answer_top_p, answer_min_p=self.answer_min_p, k=self.k, tau=self.tau,
-            noise=self.noise, noise_scale=self.noise_scale,
+            noise=self.noise_kind, noise_scale=self.noise_scale,
             noise_clamp=None if self.noise_clamp is None else tuple(self.noise_clamp),
             dirichlet_alpha=self.dirichlet_alpha, think_end=self.think_end, thinking_budget=self.thinking_budget,
             seed=seed)
@@ -124,6 +138,10 @@ class LearnerConfig:
     logit_chunk_tokens: int = 2048  # positions whose full-vocabulary logits exist at once (forward and backward)
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory)
     density: str = "official"  # official | exact | gumbel-max (soft_rl/densities.py DENSITIES)
+    # steps of a kind scored per draw (rollout.noise=multiplex): per_draw (one clipped ratio per draw, the draws'
+    # terms summed: the official Multiplex Thinking loss) | joint (one ratio per step, of the draws' joint
+    # probability). Other kinds have one score per step either way.
+    multiplex_ratio: str = "per_draw"
     advantage: str = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -227,7 +245,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that would otherwise fail late, inside an actor."""
     r, lr, d, t = cfg.rollout, cfg.learner, cfg.data, cfg.trainer
     _check(cfg.model.dtype in ("bfloat16", "float32"), "model.dtype", "must be bfloat16 or float32")
-    _check(r.noise in NOISES, "rollout.noise", f"must be one of {list(NOISES)}")
+    _check(r.noise in ROLLOUT_NOISES, "rollout.noise", f"must be one of {list(ROLLOUT_NOISES)}")
+    _check(r.multiplex_weights in ("prob", "uniform"), "rollout.multiplex_weights", "must be prob or uniform")
     try:
         r.sampling_params(seed=0)
         r.eval_sampling_params(seed=0)
@@ -246,9 +265,10 @@ def validate(cfg: Config) -> None:
     _check(lr.world_size >= 1, "learner.world_size", "must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
     _check(lr.density in DENSITIES, "learner.density", f"must be one of {list(DENSITIES)}")
-    _check(not r.soft or not NOISES[r.noise].trainable or r.noise in DENSITIES[lr.density].noises, "learner.density",
-           f"{lr.density} scores {' and '.join(DENSITIES[lr.density].noises)} noise only, but rollout.noise is "
-           f"{r.noise}")
+    _check(not r.soft or not NOISES[r.noise].trainable or r.noise_kind in DENSITIES[lr.density].noises,
+           "learner.density", f"{lr.density} scores {' and '.join(DENSITIES[lr.density].noises)} noise only, but "
+           f"rollout.noise is {r.noise}")
+    _check(lr.multiplex_ratio in ("per_draw", "joint"), "learner.multiplex_ratio", "must be per_draw or joint")
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
     _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
     _check(lr.micro_batch_seqs is None or lr.micro_batch_seqs >= 1, "learner.micro_batch_seqs", "must be >= 1 or null")

@@ -241,6 +241,7 @@ def head_logprobs(
     full_vocab: torch.Tensor | None = None,
     with_entropy: bool = False,
     entropy_grad: bool = True,
+    per_draw: bool = False,
 ):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
     ``disc_scores`` = (log-probs [Nd] or [Nd, J], entropies [Nd]) at the positions scored through the full
@@ -251,25 +252,33 @@ def head_logprobs(
     ``noise``: each of the N positions' request noise settings (``MicroBatch.noise``). With
     ``with_entropy``: (log-probs, entropies [N]), full-vocabulary at full positions, over the K
     density slots at lean soft ones (differentiable only with ``entropy_grad``: a metric-only entropy
-    builds no graph)."""
+    builds no graph). With ``per_draw``: per-draw log-probs [N, J] (``soft_rl.draws``): at a soft position of a
+    full-vocabulary kind its valid draws' log p(i_j) (0 at the others), elsewhere the one score in column 0."""
     N = is_soft.shape[0]
     full_vocab = ~is_soft if full_vocab is None else full_vocab
-    out = torch.zeros(N, dtype=torch.float32, device=is_soft.device)
     ent = torch.zeros(N, dtype=torch.float32, device=is_soft.device) if with_entropy else None
     full = full_vocab.nonzero().flatten()
     lean = (is_soft & ~full_vocab).nonzero().flatten()
+    d_lp = d_ent = None
     if full.numel():
         if isinstance(disc_scores, torch.Tensor):
             d_lp, d_ent = disc_scores[:, :-1], disc_scores[:, -1]
         else:
             d_lp, d_ent = disc_scores
         d_lp = d_lp.float() if d_lp.dim() == 2 else d_lp.float()[:, None]
-        lp = d_lp[:, 0]  # a discrete position's token (its labels are copies of it)
+    J = d_lp.shape[1] if per_draw and d_lp is not None else 1
+    out = torch.zeros(N, J, dtype=torch.float32, device=is_soft.device)
+    if full.numel():
+        lp = d_lp[:, :1].expand(-1, J).masked_fill(torch.arange(J, device=d_lp.device) > 0, 0.0)
+        # column 0: a discrete position's token (its labels are copies of it)
         soft_full = is_soft[full]
         if bool(soft_full.any()):  # host sync only in batches holding such a kind
             rows = full[soft_full]
-            scored = soft_logprob_rows(d_lp[soft_full], noisy[rows], density, noise.take(rows), slots[rows],
-                                       log_norm=torch.zeros(rows.numel(), device=d_lp.device))
+            if per_draw:  # each valid draw's log p(i_j)
+                scored = torch.where(slots[rows], d_lp[soft_full], torch.zeros_like(d_lp[soft_full]))
+            else:
+                scored = soft_logprob_rows(d_lp[soft_full], noisy[rows], density, noise.take(rows), slots[rows],
+                                           log_norm=torch.zeros(rows.numel(), device=d_lp.device))[:, None]
             lp = lp.index_put((soft_full.nonzero().flatten(),), scored.float())
         out = out.index_put((full,), lp)
         if with_entropy:
@@ -277,8 +286,9 @@ def head_logprobs(
     if lean.numel():
         z = soft_logits.float() / temperature[lean, None]
         lp = soft_logprob_rows(z, noisy[lean], density, noise.take(lean), slots[lean])
-        out = out.index_put((lean,), lp.float())
+        out = out.index_put((lean, torch.zeros_like(lean)), lp.float())
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
                 ent = ent.index_put((lean,), entropy_from_logits(z, slots[lean]))
+    out = out if per_draw else out[:, 0]
     return (out, ent) if with_entropy else out

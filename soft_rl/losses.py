@@ -75,6 +75,17 @@ def grpo_mean_only_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: f
     return rewards.float() - mean
 
 
+@register_advantage("rloo")
+def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE leave-one-out: A_i = R_i - mean_{j != i, j in G} R_j = n / (n - 1) * (R_i - mean_G R), the
+    baseline each sample's group mates give (unbiased: it does not depend on the sample); a group of one gets 0.
+    Used by Soft Tokens, Hard Truths (arXiv 2509.19170)."""
+    _, inv, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    n = counts[inv].to(torch.float32)
+    mean, _ = _group_stats(rewards, group)
+    return torch.where(n > 1, n / (n - 1).clamp_min(1.0) * (rewards.float() - mean), torch.zeros_like(mean))
+
+
 def compute_advantages(name: str, rewards: torch.Tensor, group: torch.Tensor, eps: float = 1e-6):
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}")
@@ -194,6 +205,22 @@ def ppo_token_losses(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2,
                            advantages=advantages)
 
 
+def ppo_draw_losses(logp, old_logp, advantages, draw_mask, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+    """Per-position loss [B, R] of per-draw log-probs [B, R, J] (``soft_rl.draws``): every draw its own clipped
+    (and dual-clipped) ratio, the draws' terms summed (Multiplex Thinking's official loss):
+
+        r_tj = exp(logp_tj - old_tj);   l_t = sum_j m_tj max(-A r_tj, -A clip(r_tj, 1 - eps_low, 1 + eps_high))
+        (for A < 0 each term is min(., -c A) first)
+
+    ``advantages`` [B] or [B, R]; ``draw_mask`` [B, R, J] bool. Returns (l [B, R], the per-draw terms as
+    ``ppo_token_losses`` names them)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    per_draw, parts = ppo_token_losses(logp, old_logp, advantages[..., None].expand_as(logp), clip_low=clip_low,
+                                       clip_high=clip_high, dual_clip=dual_clip)
+    return (per_draw * draw_mask.to(per_draw.dtype)).sum(-1), parts
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -210,8 +237,11 @@ def ppo_policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     norm_length: int | None = None,
+    draw_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate with optional dual clip, KL and entropy terms; [B, R] in, scalar out.
+    With ``draw_mask`` [B, R, J], ``logp``/``old_logp``/``ref_logp`` are per-draw [B, R, J] and each draw has its
+    own ratio (``ppo_draw_losses``); the KL term takes the joint log-probs (the sum over draws).
 
     r = exp(logp - old_logp)
     l = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))         (clip-higher when eps_high > eps_low)
@@ -219,12 +249,19 @@ def ppo_policy_loss(
     loss = agg(l) + beta * agg(KL(pi || ref)) - entropy_coef * agg(H)
     ``advantages`` may be [B] (broadcast over the response) or [B, R].
     """
-    per_token, parts = ppo_token_losses(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                                        dual_clip=dual_clip)
+    if draw_mask is None:
+        per_token, parts = ppo_token_losses(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                                            dual_clip=dual_clip)
+        m = mask.float()
+    else:
+        per_token, parts = ppo_draw_losses(logp, old_logp, advantages, draw_mask, clip_low=clip_low,
+                                           clip_high=clip_high, dual_clip=dual_clip)
+        m = mask.float()[..., None] * draw_mask.float()  # the metrics count draws
+        logp = logp.sum(-1)
+        ref_logp = None if ref_logp is None else ref_logp.sum(-1)
     log_ratio, ratio, surr1, surr2, clipped = (parts[k] for k in ("log_ratio", "ratio", "surr1", "surr2", "clipped"))
     advantages = parts["advantages"]
     loss = aggregate(per_token, mask, agg, norm_length)
-    m = mask.float()
     n = m.sum().clamp_min(1.0)
     metrics = {
         "pg_loss": loss.detach(),

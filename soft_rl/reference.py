@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from soft_rl.densities import density_slots, soft_logprob, soft_weights
+from soft_rl.draws import draw_mask, scores_per_draw
 from soft_rl.losses import entropy_from_logits
 from soft_rl.noise_kinds import noise_kind
 from soft_rl.phase import PhaseTracker
@@ -137,10 +138,19 @@ def build_inputs_embeds(embedding_weight: torch.Tensor, traj: Trajectory) -> tor
     return torch.cat([prompt, mix_embeddings(embedding_weight, ids, w)], dim=0).detach()
 
 
-def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str) -> torch.Tensor:
-    """Per-position log-probs [R] from the logits [R, V] that scored each generated position."""
+def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str, per_draw: bool = False) -> torch.Tensor:
+    """Per-position log-probs [R] from the logits [R, V] that scored each generated position; with ``per_draw``
+    the per-draw log-probs [R, J] (``soft_rl.draws``)."""
     s = traj.sampling
     zt = logits.float() / traj.position_temperatures().to(logits.device)[:, None]
+    if per_draw:
+        if not scores_per_draw(traj):
+            return position_logprobs(logits, traj, density)[:, None]
+        mask = draw_mask(traj, density).to(logits.device)
+        ids = torch.where(traj.is_soft.to(logits.device)[:, None], traj.topk_ids.to(logits.device),
+                          traj.tokens.to(logits.device)[:, None])
+        draws = torch.log_softmax(zt, -1).gather(1, ids)
+        return torch.where(mask, draws, torch.zeros_like(draws))
     discrete = torch.log_softmax(zt, -1).gather(1, traj.tokens.to(logits.device)[:, None]).squeeze(1)
     if not noise_kind(s.noise).trainable or not bool(traj.is_soft.any()):
         return discrete
@@ -165,9 +175,10 @@ def position_entropy(logits: torch.Tensor, traj: Trajectory, density: str) -> to
 
 
 def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "official",
-                            grad: bool = False, with_entropy: bool = False):
+                            grad: bool = False, with_entropy: bool = False, per_draw: bool = False):
     """Learner-side per-position log-probs of each trajectory (right-padded batch, full logits);
-    with ``with_entropy`` also the per-position entropies: (log-probs, entropies)."""
+    with ``with_entropy`` also the per-position entropies: (log-probs, entropies); with ``per_draw`` per-draw
+    log-probs [R, J] (``soft_rl.draws``)."""
     emb_w = model.get_input_embeddings().weight
     seqs = [build_inputs_embeds(emb_w, t) for t in trajs]
     L = max(s.shape[0] for s in seqs)
@@ -183,7 +194,7 @@ def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "
         out, ent = [], []
         for b, t in enumerate(trajs):
             P, R = t.prompt_ids.shape[0], t.num_tokens
-            out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density))
+            out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density, per_draw))
             if with_entropy:
                 ent.append(position_entropy(logits[b, P - 1: P - 1 + R], t, density))
     return (out, ent) if with_entropy else out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from soft_rl.draws import draw_mask, pad_draws
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, compute_advantages, ppo_policy_loss
 from soft_rl.reference import teacher_forced_logprobs
 from soft_rl.trajectory import Trajectory
@@ -34,6 +35,13 @@ class UpdateConfig:
     mini_batches: int = 1
     grad_clip: float = 1.0
     micro_batch_seqs: int | None = None  # with agg="micro-batch-token-mean": sequences per micro-batch
+    multiplex_ratio: str = "per_draw"  # per_draw | joint: one ratio per draw of a full-vocabulary kind, or per step
+
+
+def _per_draw(cfg: UpdateConfig) -> bool:
+    if cfg.multiplex_ratio not in ("per_draw", "joint"):
+        raise ValueError(f"multiplex_ratio must be per_draw or joint, got {cfg.multiplex_ratio!r}")
+    return cfg.multiplex_ratio == "per_draw"
 
 
 def pad_logprobs(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -57,23 +65,31 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     optimizer step."""
     dev = next(model.parameters()).device
     adv = compute_advantages(cfg.advantage, rewards, group).to(dev)
+    per_draw = _per_draw(cfg)
+    pad = pad_draws if per_draw else pad_logprobs
     with torch.no_grad():
-        old = pad_logprobs(teacher_forced_logprobs(model, trajs, cfg.density))
-        ref = pad_logprobs(teacher_forced_logprobs(ref_model, trajs, cfg.density)) if ref_model is not None else None
+        old = pad(teacher_forced_logprobs(model, trajs, cfg.density, per_draw=per_draw))
+        ref = pad(teacher_forced_logprobs(ref_model, trajs, cfg.density, per_draw=per_draw)) \
+            if ref_model is not None else None
     mask = loss_mask(trajs).to(dev)
+    draws = pad_draws([draw_mask(t, cfg.density) for t in trajs]).to(dev) if per_draw else None
     n = len(trajs)
     chunks = torch.arange(n).chunk(cfg.mini_batches)
     metrics: dict[str, float] = {}
     norms: list[float] = []
     def mini_batch_loss(idx: torch.Tensor, agg: str):
         sub = [trajs[i] for i in idx.tolist()]
-        lp_rows, ent_rows = teacher_forced_logprobs(model, sub, cfg.density, grad=True, with_entropy=True)
-        logp = pad_logprobs(lp_rows)
+        lp_rows, ent_rows = teacher_forced_logprobs(model, sub, cfg.density, grad=True, with_entropy=True,
+                                                    per_draw=per_draw)
+        logp = pad(lp_rows)
         R = logp.shape[1]
+        J = logp.shape[2] if per_draw else None
+        cut = (slice(None), slice(0, R)) if J is None else (slice(None), slice(0, R), slice(0, J))
         return ppo_policy_loss(
-            logp, old[idx, :R], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip, agg=agg, ref_logp=None if ref is None else ref[idx, :R],
-            kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, entropy=pad_logprobs(ent_rows), entropy_coef=cfg.entropy_coef)
+            logp, old[idx][cut], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip, agg=agg, ref_logp=None if ref is None else ref[idx][cut],
+            kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, entropy=pad_logprobs(ent_rows), entropy_coef=cfg.entropy_coef,
+            draw_mask=None if draws is None else draws[idx][cut])
 
     for _ in range(cfg.ppo_epochs):
         for idx in chunks:

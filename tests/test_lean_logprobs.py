@@ -136,6 +136,28 @@ def test_multiplex_steps_are_scored_through_the_full_vocabulary_head(tiny_hf, ti
     t = trajs[0]
     torch.testing.assert_close(t.logprobs[t.is_soft], torch.cat(want)[: t.num_tokens][t.is_soft], atol=2e-5,
                                rtol=1e-6)
+    # per draw (learner.multiplex_ratio=per_draw): each valid draw's own log p(i_j) at a Multiplex step, the one
+    # score in column 0 elsewhere (Gumbel and discrete trajectories: J = 1), as the reference scores them; the
+    # draws sum to the joint log-probs above
+    from soft_rl.draws import draw_count, draw_mask, split_draws
+
+    with torch.no_grad():
+        per = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
+                            noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density="exact",
+                            noise=mb.noise, per_draw=True)
+        rows = split_draws(per, trajs)
+        width = trajs[0].topk_ids.shape[1]  # the arrays' K (5, the Gumbel request's), wider than k = 3
+        assert [r.shape[1] for r in rows] == [draw_count(t) for t in trajs] == [width, 1, width, 1]
+        assert bool((draw_mask(trajs[0], "exact")[trajs[0].is_soft].sum(-1) == 3).all())
+        for t, r, w in zip(trajs, rows, want, strict=True):
+            P, R = t.prompt_ids.shape[0], t.num_tokens
+            x = build_inputs_embeds(model.get_input_embeddings().weight, t)[None]
+            ref = position_logprobs(model(inputs_embeds=x).logits[0, P - 1: P - 1 + R], t, "exact", per_draw=True)
+            torch.testing.assert_close(r, ref, atol=2e-5, rtol=1e-6)
+            torch.testing.assert_close(r.sum(-1), w, atol=2e-5, rtol=1e-6)
+            assert bool((r[~draw_mask(t, "exact")] == 0).all())
+    soft0 = rows[0][trajs[0].is_soft][:, :3]
+    assert bool((soft0 < 0).all()) and bool((soft0[:, 1:] != soft0[:, :1]).any())  # k scores per step, not copies
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 37, 1000])

@@ -58,7 +58,8 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
                             weight_decay=cfg.weight_decay)
     steps = 2
     ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef, agg=cfg.loss_agg,
-                        micro_batch_seqs=cfg.micro_batch_seqs, density=cfg.density)
+                        micro_batch_seqs=cfg.micro_batch_seqs, density=cfg.density,
+                        multiplex_ratio=cfg.multiplex_ratio)
     # a per-step learning rate (the driver's schedule) that the learners must apply, not their cfg.lr
     lrs = [cfg.lr, 0.4 * cfg.lr]
     ref_norms = []
@@ -81,7 +82,7 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
             for t, lp in zip(trajs, learners.logprobs(trajs), strict=True):
                 torch.testing.assert_close(lp, t.logprobs, atol=2e-5, rtol=1e-6)
         for step in range(steps):
-            old = learners.logprobs(trajs)
+            old = learners.logprobs(trajs, per_draw=cfg.multiplex_ratio == "per_draw")
             ref = learners.logprobs(trajs, "ref") if kl_coef else None
             for j, idx in enumerate(chunks):
                 ii = idx.tolist()
@@ -136,12 +137,13 @@ def test_density_modes_match_single_process(ray_cluster, tiny_dir, tiny_tokenize
     _compare_with_single_process(tiny_dir, tiny_tokenizer, 2, True, density=density)
 
 
-@pytest.mark.parametrize("noise", ["multiplex", "multiplex_uniform"])
-def test_multiplex_matches_single_process_and_the_rollout(ray_cluster, tiny_dir, tiny_tokenizer, noise):
-    """Multiplex steps (scored through the full-vocabulary head, K draws as labels, density=exact: the joint ratio)
-    on 2 ZeRO-3 ranks: before an update the learners' log-probs equal the rollout's at every position, and two
-    steps equal the pure-torch update."""
+@pytest.mark.parametrize("noise,ratio", [("multiplex", "per_draw"), ("multiplex_uniform", "joint")])
+def test_multiplex_matches_single_process_and_the_rollout(ray_cluster, tiny_dir, tiny_tokenizer, noise, ratio):
+    """Multiplex steps (scored through the full-vocabulary head, K draws as labels, density=exact) on 2 ZeRO-3
+    ranks, with one ratio per draw (the official loss) or the joint ratio: before an update the learners' joint
+    log-probs equal the rollout's at every position, and two steps equal the pure-torch update."""
     _compare_with_single_process(tiny_dir, tiny_tokenizer, 3, True, density="exact", rollout_parity=True,
+                                 multiplex_ratio=ratio,
                                  batch_kw=dict(density="exact", noise=noise, k=3, top_k=-1, top_p=0.9))
 
 

@@ -52,6 +52,22 @@ def test_grpo_advantages_match_per_group_loop():
         compute_advantages("gae", rewards, group)
 
 
+def test_rloo_advantages_are_the_leave_one_out_baseline():
+    """A_i = R_i - the mean of its group mates' rewards, by a loop over samples; groups of unequal sizes (one of
+    one, whose advantage is 0) and float rewards, so a missing n / (n - 1) factor or a wrong group fails."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [1, 2, 5, 8]
+    group = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    perm = torch.randperm(group.numel(), generator=g)
+    group = group[perm]
+    rewards = torch.rand(group.numel(), generator=g, dtype=torch.float64).float()
+    adv = compute_advantages("rloo", rewards, group)
+    for i in range(group.numel()):
+        mates = [float(rewards[j]) for j in range(group.numel()) if j != i and group[j] == group[i]]
+        want = float(rewards[i]) - sum(mates) / len(mates) if mates else 0.0
+        assert float(adv[i]) == pytest.approx(want, abs=1e-6)
+
+
 def ppo_token_reference(lp, old, a, eps_low, eps_high, c):
     r = math.exp(lp - old)
     loss = max(-a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high))

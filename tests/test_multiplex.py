@@ -133,3 +133,84 @@ def test_a_steps_density_is_the_joint_log_probability_of_its_draws():
     for density in ("official", "gumbel-max"):
         with pytest.raises(ConfigError, match="learner.density"):
             load_config(None, ["model.path=x", "rollout.noise=multiplex", f"learner.density={density}"])
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+
+def _official_multiplex_loss(old_log_prob, log_prob, advantages, response_mask, topk_probs, cliprange_low,
+                             cliprange_high, clip_ratio_c):
+    """A literal transcription of the official ``compute_multiplex_thinking_policy_loss`` (verl-latest
+    core_algos.py; docs/design/multiplex-reference.md, section 4), token-mean aggregation (verl's masked mean)."""
+    def masked_mean(x, m):
+        return (x * m).sum() / m.sum()
+
+    response_mask_3d = response_mask.unsqueeze(-1).repeat(1, 1, log_prob.shape[-1])
+    is_answer_token = (topk_probs[:, :, 0] == 1.0) & (topk_probs[:, :, 1:].sum(dim=-1) == 0.0)
+    topk_weight_mask = topk_probs > 1e-20
+    topk_weight_mask = torch.where(is_answer_token.unsqueeze(-1), topk_weight_mask, torch.ones_like(topk_weight_mask))
+    response_mask_3d = response_mask_3d & topk_weight_mask
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    advantages_3d = advantages.detach().unsqueeze(-1).repeat(1, 1, log_prob.shape[-1])
+    pg_losses1 = -advantages_3d * ratio
+    pg_losses2 = -advantages_3d * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask_3d)
+    pg_losses3 = -advantages_3d * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_losses = torch.where(advantages_3d < 0, clip_pg_losses2, clip_pg_losses1)
+    pg_losses_summed = (pg_losses * response_mask_3d.float()).sum(dim=-1)
+    return masked_mean(pg_losses_summed, response_mask), pg_clipfrac
+
+
+def test_per_draw_loss_equals_the_official_loss_and_differs_from_the_joint_ratio():
+    """``ppo_policy_loss`` with a draw mask (soft steps: every draw; answer steps: draw 0) against the literal
+    official loss on tensors whose ratios reach far outside the clip range (clip, clip-higher and the dual clip all
+    active, both signs of advantage): value, gradient and clip fraction. The joint ratio (one clipped ratio of the
+    draws' summed log-probs) gives another value there, so the two options are really different losses."""
+    from soft_rl.losses import ppo_policy_loss
+
+    g = torch.Generator().manual_seed(5)
+    B, R, K = 6, 9, 3
+    soft = torch.rand(B, R, generator=g) < 0.6
+    mask = (torch.arange(R)[None, :] < torch.randint(4, R + 1, (B, 1), generator=g)).long()
+    old = -torch.rand(B, R, K, generator=g, dtype=torch.float64) * 3
+    new = old + torch.randn(B, R, K, generator=g, dtype=torch.float64) * 0.5
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    weights = torch.softmax(torch.randn(B, R, K, generator=g, dtype=torch.float64), -1)
+    one_hot = (torch.arange(K) == 0).to(torch.float64).expand(B, R, K)
+    topk_probs = torch.where(soft[..., None], weights, one_hot)
+    draws = soft[..., None] | (torch.arange(K) == 0)
+    # soft-rl's per-draw rows hold 0 at masked draws (soft_rl.draws); the official tensors hold whatever was there
+    ours_new = torch.where(draws, new, torch.zeros_like(new)).requires_grad_()
+    theirs_new = new.clone().requires_grad_()
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    loss, metrics = ppo_policy_loss(ours_new, torch.where(draws, old, torch.zeros_like(old)), adv, mask,
+                                    agg="token-mean", draw_mask=draws, **kw)
+    want, clipfrac = _official_multiplex_loss(old, theirs_new, adv[:, None].expand(B, R), mask.bool(), topk_probs,
+                                              0.2, 0.28, 3.0)
+    assert float(clipfrac) > 0.2  # the clip is active
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ours_new.grad, torch.where(draws, theirs_new.grad, torch.zeros_like(new)), atol=1e-12,
+                               rtol=1e-12)
+    assert float(metrics["clip_frac"]) == pytest.approx(float(clipfrac), abs=1e-12)
+    joint, _ = ppo_policy_loss(ours_new.detach().sum(-1), torch.where(draws, old, torch.zeros_like(old)).sum(-1),
+                               adv, mask, agg="token-mean", **kw)
+    assert abs(float(joint) - float(want.detach())) > 1e-2
+
+
+def test_multiplex_ratio_and_weights_keys():
+    """``rollout.multiplex_weights`` selects the weighting (uniform: the registered ``multiplex_uniform`` kind the
+    sampler runs), ``learner.multiplex_ratio`` the loss; bad values name their key, and the variant is not a value
+    of ``rollout.noise`` itself."""
+    base = ["rollout.noise=multiplex", "learner.density=exact", "rollout.k=3"]
+    cfg = load_config(None, ["model.path=/m", *base, "rollout.multiplex_weights=uniform"])
+    assert cfg.rollout.sampling_params(0).noise == "multiplex_uniform" and cfg.learner.multiplex_ratio == "per_draw"
+    assert load_config(None, ["model.path=/m", *base]).rollout.sampling_params(0).noise == "multiplex"
+    for bad, key in ((["rollout.multiplex_weights=mean"], "rollout.multiplex_weights"),
+                     (["learner.multiplex_ratio=sum"], "learner.multiplex_ratio"),
+                     (["rollout.noise=multiplex_uniform"], "rollout.noise")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, ["model.path=/m", *base[1:], *bad] if "noise" in key else ["model.path=/m", *base, *bad])

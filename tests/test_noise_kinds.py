@@ -73,10 +73,13 @@ def test_a_rows_step_does_not_depend_on_the_kinds_of_its_batch_mates():
 
 @pytest.mark.parametrize("name", NOISE_KINDS)
 def test_the_config_takes_every_kind_and_refuses_to_train_one_without_a_density(name):
-    overrides = ["model.path=x", f"rollout.noise={name}", "learner.density=exact"]
+    """Every registered kind runs from the config (a variant through its method's own key) and the sampler gets
+    that kind; one without a density is refused for training."""
+    key = {"multiplex_uniform": ["rollout.noise=multiplex", "rollout.multiplex_weights=uniform"]}
+    overrides = ["model.path=x", *key.get(name, [f"rollout.noise={name}"]), "learner.density=exact"]
     if NOISES[name].trainable:
-        assert load_config(None, overrides).rollout.noise == name
-        assert load_config(None, [*overrides, "rollout.soft=false"]).rollout.noise == name
+        assert load_config(None, overrides).rollout.sampling_params(0).noise == name
+        assert load_config(None, [*overrides, "rollout.soft=false"]).rollout.noise_kind == name
     else:
         with pytest.raises(ConfigError, match="rollout.noise"):
             load_config(None, overrides)

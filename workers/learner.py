@@ -36,9 +36,16 @@ except ModuleNotFoundError:  # LearnerWorker itself runs without Ray (tests/gpu 
     ray = None
 
 from soft_rl.config import LearnerConfig
+from soft_rl.draws import draw_mask, pad_draws, split_draws
 from soft_rl.lean_logprobs import head_logprobs, token_scores
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
-from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, aggregate_parts, kl_penalty, ppo_token_losses
+from soft_rl.losses import (
+    PER_MICRO_BATCH_AGGREGATIONS,
+    aggregate_parts,
+    kl_penalty,
+    ppo_draw_losses,
+    ppo_token_losses,
+)
 from soft_rl.lr_schedule import set_learning_rate
 from soft_rl.memory_plan import grads_accumulate_in_fp32
 from soft_rl.trajectory import Trajectory
@@ -325,9 +332,11 @@ class LearnerWorker:
         with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
             return build_micro_batch(emb.detach(), trajs, self.cfg.density)
 
-    def _forward(self, engine, trajs: Sequence[Trajectory], with_entropy: bool = False, entropy_grad: bool = False):
+    def _forward(self, engine, trajs: Sequence[Trajectory], with_entropy: bool = False, entropy_grad: bool = False,
+                 per_draw: bool = False):
         """Per-position log-probs (flat, trajectory after trajectory) of a non-empty micro-batch, and the
-        trajectory lengths; with ``with_entropy`` the log-probs are a (log-probs, entropies) pair."""
+        trajectory lengths; with ``with_entropy`` the log-probs are a (log-probs, entropies) pair; with
+        ``per_draw`` they are per-draw, [N, J] (``soft_rl.draws``)."""
         module = engine.module if hasattr(engine, "module") else engine
         mb = self._micro_batch(module, trajs)
         disc_scores, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
@@ -335,7 +344,8 @@ class LearnerWorker:
                                           mb.disc_labels, mb.temperature[mb.order_full])
         return head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
                              noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
-                             noise=mb.noise, with_entropy=with_entropy, entropy_grad=entropy_grad), mb.lengths
+                             noise=mb.noise, with_entropy=with_entropy, entropy_grad=entropy_grad,
+                             per_draw=per_draw), mb.lengths
 
     def _filler_forward(self, engine, micro_batches: list[list[Trajectory]]) -> torch.Tensor:
         """A zero-weight forward for a rank with fewer micro-batches than the others.
@@ -351,8 +361,10 @@ class LearnerWorker:
         return 0.0 * flat.sum()
 
     @torch.no_grad()
-    def logprobs(self, micro_batches: list[list[Trajectory]], which: str = "policy") -> list[torch.Tensor]:
-        """Log-probs of every trajectory, [R] each, with the current policy or the frozen reference."""
+    def logprobs(self, micro_batches: list[list[Trajectory]], which: str = "policy",
+                 per_draw: bool = False) -> list[torch.Tensor]:
+        """Log-probs of every trajectory, [R] each (with ``per_draw`` [R, J]: ``soft_rl.draws``), with the current
+        policy or the frozen reference."""
         engine = self.engine if which == "policy" else self.ref
         if engine is None:
             raise RuntimeError("no reference model: it exists only when learner.kl_coef > 0")
@@ -362,8 +374,8 @@ class LearnerWorker:
             if not trajs:
                 self._filler_forward(engine, micro_batches)
                 continue
-            flat, lengths = self._forward(engine, trajs)
-            out += [x.cpu() for x in flat.split(lengths)]
+            flat, lengths = self._forward(engine, trajs, per_draw=per_draw)
+            out += [x.cpu() for x in (split_draws(flat, trajs) if per_draw else flat.split(lengths))]
         return out
 
     def train_mini_batch(self, micro_batches: list[list[Trajectory]], advantages: list[torch.Tensor],
@@ -375,20 +387,35 @@ class LearnerWorker:
         if lr is not None:
             set_learning_rate(self.optimizer, lr)
         self.engine.train()
-        sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "logratio": 0.0, "entropy": 0.0}
+        sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "draws": 0.0, "logratio": 0.0, "entropy": 0.0}
         for i, trajs in enumerate(micro_batches):
             if not trajs:
                 self.engine.backward(self._filler_forward(self.engine, micro_batches), scale_wrt_gas=False)
                 continue
+            per_draw = c.multiplex_ratio == "per_draw"
             (flat, flat_ent), lengths = self._forward(self.engine, trajs, with_entropy=True,
-                                                      entropy_grad=bool(c.entropy_coef))
-            logp = pad_rows(flat, lengths)
+                                                      entropy_grad=bool(c.entropy_coef), per_draw=per_draw)
             ent = pad_rows(flat_ent, lengths)
-            dev = logp.device  # the inputs below arrive from Ray on the host
-            old_lp = pad_rows(torch.cat(old[i]).to(dev), lengths)
+            dev = ent.device  # the inputs below arrive from Ray on the host
             mask = pad_rows(torch.cat([(~t.forced).float() for t in trajs]).to(dev), lengths)
-            per_token, parts = ppo_token_losses(logp, old_lp, advantages[i].to(dev), clip_low=c.clip_low,
-                                                clip_high=c.clip_high, dual_clip=c.dual_clip)
+            if per_draw:  # one ratio per draw (soft_rl.draws), the draws' clipped terms summed per position
+                logp_rows = split_draws(flat, trajs)
+                if any(o.dim() != 2 and lp.shape[1] > 1 for o, lp in zip(old[i], logp_rows, strict=True)):
+                    raise ValueError("learner.multiplex_ratio=per_draw needs per-draw old log-probs "
+                                     "(logprobs(..., per_draw=True))")
+                logp = pad_draws(logp_rows)
+                old_lp = pad_draws(old[i]).to(dev)
+                draws = pad_draws([draw_mask(t, c.density) for t in trajs]).to(dev)
+                per_token, parts = ppo_draw_losses(logp, old_lp, advantages[i].to(dev), draws, clip_low=c.clip_low,
+                                                   clip_high=c.clip_high, dual_clip=c.dual_clip)
+                counted = mask[..., None] * draws  # the clip and ratio metrics count draws
+                logp = logp.sum(-1)  # the joint log-prob, for the KL term
+            else:
+                logp = pad_rows(flat, lengths)
+                old_lp = pad_rows(torch.cat(old[i]).to(dev), lengths)
+                per_token, parts = ppo_token_losses(logp, old_lp, advantages[i].to(dev), clip_low=c.clip_low,
+                                                    clip_high=c.clip_high, dual_clip=c.dual_clip)
+                counted = mask
             num, _ = aggregate_parts(per_token, mask, c.loss_agg, norm_length)
             loss = num / denominator
             if ref is not None and c.kl_coef:
@@ -404,9 +431,10 @@ class LearnerWorker:
             # DeepSpeed averages gradients over the data-parallel ranks; the loss is a global sum.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             sums["pg"] += float(num)
-            sums["clip"] += float(((parts["surr2"] > parts["surr1"]).float() * mask).sum())
+            sums["clip"] += float(((parts["surr2"] > parts["surr1"]).float() * counted).sum())
             sums["tokens"] += float(mask.sum())
-            sums["logratio"] += float((parts["log_ratio"].abs() * mask).sum())
+            sums["draws"] += float(counted.sum())
+            sums["logratio"] += float((parts["log_ratio"].abs() * counted).sum())
         skipped_before = self.optimizer.skipped
         self.engine.step()
         sums["skipped"] = float(self.optimizer.skipped - skipped_before)
@@ -686,9 +714,10 @@ class LearnerGroup:
         micro_idx = [g + [[] for _ in range(m - len(g))] for g in micro_idx]
         return [[[trajs[i] for i in mb] for mb in g] for g in micro_idx], micro_idx
 
-    def logprobs(self, trajs: Sequence[Trajectory], which: str = "policy") -> list[torch.Tensor]:
+    def logprobs(self, trajs: Sequence[Trajectory], which: str = "policy",
+                 per_draw: bool = False) -> list[torch.Tensor]:
         shards, idx = self._shard(trajs)
-        results = get_all([a.logprobs.remote(s, which) for a, s in zip(self.actors, shards, strict=True)])
+        results = get_all([a.logprobs.remote(s, which, per_draw) for a, s in zip(self.actors, shards, strict=True)])
         out: list[torch.Tensor | None] = [None] * len(trajs)
         for r, res in enumerate(results):
             flat_idx = [i for mb in idx[r] for i in mb]
@@ -713,12 +742,13 @@ class LearnerGroup:
             calls.append(a.train_mini_batch.remote(shards[r], adv, o, rf, den, self.norm_length, lr))
         parts = get_all(calls)
         tokens = max(sum(p["tokens"] for p in parts), 1.0)
+        draws = max(sum(p["draws"] for p in parts), 1.0)  # = tokens, but with one ratio per draw
         return {
             "pg_loss": sum(p["pg"] for p in parts) / den,
             "kl": sum(p["kl"] for p in parts) / den,
             "entropy": sum(p["entropy"] for p in parts) / tokens,  # token mean over the sampled tokens
-            "clip_frac": sum(p["clip"] for p in parts) / tokens,
-            "abs_log_ratio": sum(p["logratio"] for p in parts) / tokens,
+            "clip_frac": sum(p["clip"] for p in parts) / draws,
+            "abs_log_ratio": sum(p["logratio"] for p in parts) / draws,
             "grad_norm": parts[0]["grad_norm"],
             "skipped_steps": parts[0]["skipped"],
         }
