@@ -68,8 +68,10 @@ RECIPES = {
 PAIRSUM_RECIPES = {
     "tiny": ToyRecipe(task=pairsum.PairSumConfig(min_numbers=3, max_numbers=4, num_train=2000, num_test=64),
                       train=WarmStartConfig(steps=60, batch_size=32, lr=1e-2, warmup=10), eval_problems=16),
+    # 1600 steps: at 800 the loss was still falling (0.34 -> 0.30 over the second half) and the model solved 0.22
+    # of held-out problems where its teacher solves 0.34
     "default": ToyRecipe(task=pairsum.PairSumConfig(),
-                         train=WarmStartConfig(steps=800, batch_size=64, lr=3e-3, warmup=50, slip=0.3),
+                         train=WarmStartConfig(steps=1600, batch_size=64, lr=3e-3, warmup=50, slip=0.3),
                          eval_problems=256),
 }
 
