@@ -156,6 +156,8 @@ def _add_eval(sub) -> None:
                       ("--min-p", float), ("--k", int), ("--tau", float), ("--noise", str),
                       ("--max-new-tokens", int), ("--seed", int), ("--think-end", str), ("--thinking-budget", int)):
         e.add_argument(flag, type=typ, default=None)
+    e.add_argument("--multiplex-weights", choices=["prob", "uniform"], default="prob",
+                   help="--noise multiplex: the draws' merge weighted by their probabilities or uniformly")
     e.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
     e.add_argument("--out", default="runs/eval", help="one JSON per dataset is written here")
     e.add_argument("--reward", default=None,
@@ -179,6 +181,8 @@ def _eval_run(args):
     names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed", "think_end",
              "thinking_budget")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if given.get("noise") == "multiplex" and args.multiplex_weights == "uniform":
+        given["noise"] = "multiplex_uniform"  # the registered kind (rollout.multiplex_weights=uniform in training)
     settings = EvalSettings.paper(mode=args.mode, **given) if args.preset == "paper" \
         else EvalSettings(mode=args.mode, **given)
     resolved = resolve_eval_defaults(args.preset, dtype=args.dtype, reward=args.reward)

@@ -191,3 +191,7 @@ def test_eval_dtype_and_reward_defaults(monkeypatch):
     assert main([*base, "--think-end", "Final answer:", "--thinking-budget", "64"]) == 0
     p = runs[-1].settings.params(0)
     assert (p.think_end, p.thinking_budget) == ("Final answer:", 64)
+    # Multiplex Thinking with uniform merge weights, as rollout.multiplex_weights=uniform trains it
+    for extra, kind in ([[], "multiplex"], [["--multiplex-weights", "uniform"], "multiplex_uniform"]):
+        assert main([*base, "--noise", "multiplex", "--k", "3", *extra]) == 0
+        assert runs[-1].settings.params(0).noise == kind, extra
