@@ -156,6 +156,7 @@ def _add_eval(sub) -> None:
                       ("--min-p", float), ("--k", int), ("--tau", float), ("--noise", str),
                       ("--max-new-tokens", int), ("--seed", int), ("--think-end", str), ("--thinking-budget", int)):
         e.add_argument(flag, type=typ, default=None)
+    # the keys of soft_rl.noise_kinds.multiplex.MULTIPLEX_WEIGHTS (not imported here: it loads torch)
     e.add_argument("--multiplex-weights", choices=["prob", "uniform"], default="prob",
                    help="--noise multiplex: the draws' merge weighted by their probabilities or uniformly")
     e.add_argument("--backend", choices=["vllm", "hf"], default="vllm")
@@ -181,8 +182,10 @@ def _eval_run(args):
     names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed", "think_end",
              "thinking_budget")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if given.get("noise") == "multiplex" and args.multiplex_weights == "uniform":
-        given["noise"] = "multiplex_uniform"  # the registered kind (rollout.multiplex_weights=uniform in training)
+    if "noise" in given:  # the registered kind (rollout.multiplex_weights in training)
+        from soft_rl.noise_kinds.multiplex import weighted_kind
+
+        given["noise"] = weighted_kind(given["noise"], args.multiplex_weights)
     settings = EvalSettings.paper(mode=args.mode, **given) if args.preset == "paper" \
         else EvalSettings(mode=args.mode, **given)
     resolved = resolve_eval_defaults(args.preset, dtype=args.dtype, reward=args.reward)

@@ -16,14 +16,16 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from soft_rl.densities import DENSITIES, trainable_noises
+from soft_rl.draws import MULTIPLEX_RATIOS
 from soft_rl.engine_step import ENGINE_STEP_MODES
 from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
 from soft_rl.lr_schedule import LR_SCHEDULES
 from soft_rl.noise_kinds import NOISES
+from soft_rl.noise_kinds.multiplex import MULTIPLEX_UNIFORM, MULTIPLEX_WEIGHTS, weighted_kind
 from soft_rl.sampling import SoftSamplingParams
 
 # the values of rollout.noise: every registered kind but the variants another key selects
-ROLLOUT_NOISES = [name for name in NOISES if name != "multiplex_uniform"]
+ROLLOUT_NOISES = [name for name in NOISES if name != MULTIPLEX_UNIFORM.name]
 
 
 class ConfigError(ValueError):
@@ -102,9 +104,7 @@ class RolloutConfig:
     def noise_kind(self) -> str:
         """The registered noise kind (soft_rl.noise_kinds) the sampler runs: ``noise``, with the variant a
         method's own key picks (``multiplex_weights=uniform``: ``multiplex_uniform``)."""
-        if self.noise == "multiplex" and self.multiplex_weights == "uniform":
-            return "multiplex_uniform"
-        return self.noise
+        return weighted_kind(self.noise, self.multiplex_weights)
 
     def sampling_params(self, seed: int) -> SoftSamplingParams:
         return SoftSamplingParams(
@@ -246,7 +246,8 @@ def validate(cfg: Config) -> None:
     r, lr, d, t = cfg.rollout, cfg.learner, cfg.data, cfg.trainer
     _check(cfg.model.dtype in ("bfloat16", "float32"), "model.dtype", "must be bfloat16 or float32")
     _check(r.noise in ROLLOUT_NOISES, "rollout.noise", f"must be one of {list(ROLLOUT_NOISES)}")
-    _check(r.multiplex_weights in ("prob", "uniform"), "rollout.multiplex_weights", "must be prob or uniform")
+    _check(r.multiplex_weights in MULTIPLEX_WEIGHTS, "rollout.multiplex_weights",
+           f"must be one of {list(MULTIPLEX_WEIGHTS)}")
     try:
         r.sampling_params(seed=0)
         r.eval_sampling_params(seed=0)
@@ -268,7 +269,8 @@ def validate(cfg: Config) -> None:
     _check(not r.soft or not NOISES[r.noise].trainable or r.noise_kind in DENSITIES[lr.density].noises,
            "learner.density", f"{lr.density} scores {' and '.join(DENSITIES[lr.density].noises)} noise only, but "
            f"rollout.noise is {r.noise}")
-    _check(lr.multiplex_ratio in ("per_draw", "joint"), "learner.multiplex_ratio", "must be per_draw or joint")
+    _check(lr.multiplex_ratio in MULTIPLEX_RATIOS, "learner.multiplex_ratio",
+           f"must be one of {list(MULTIPLEX_RATIOS)}")
     _check(lr.advantage in ADVANTAGE_ESTIMATORS, "learner.advantage", f"must be one of {sorted(ADVANTAGE_ESTIMATORS)}")
     _check(lr.loss_agg in LOSS_AGGREGATIONS, "learner.loss_agg", f"must be one of {sorted(LOSS_AGGREGATIONS)}")
     _check(lr.micro_batch_seqs is None or lr.micro_batch_seqs >= 1, "learner.micro_batch_seqs", "must be >= 1 or null")

@@ -24,6 +24,15 @@ from soft_rl.densities import density_slots
 from soft_rl.noise_kinds import noise_kind
 from soft_rl.trajectory import Trajectory
 
+MULTIPLEX_RATIOS = ("per_draw", "joint")  # learner.multiplex_ratio
+
+
+def per_draw_ratio(multiplex_ratio: str) -> bool:
+    """Whether ``learner.multiplex_ratio`` asks for per-draw log-probs (one PPO ratio per draw)."""
+    if multiplex_ratio not in MULTIPLEX_RATIOS:
+        raise ValueError(f"multiplex_ratio must be one of {MULTIPLEX_RATIOS}, got {multiplex_ratio!r}")
+    return multiplex_ratio == "per_draw"
+
 
 def scores_per_draw(traj: Trajectory) -> bool:
     """Whether ``traj``'s soft steps have per-draw log-probs (a soft trajectory of a full-vocabulary kind)."""

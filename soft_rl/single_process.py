@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from soft_rl.draws import draw_mask, pad_draws
+from soft_rl.draws import draw_mask, pad_draws, per_draw_ratio
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, compute_advantages, ppo_policy_loss
 from soft_rl.reference import teacher_forced_logprobs
 from soft_rl.trajectory import Trajectory
@@ -38,12 +38,6 @@ class UpdateConfig:
     multiplex_ratio: str = "per_draw"  # per_draw | joint: one ratio per draw of a full-vocabulary kind, or per step
 
 
-def _per_draw(cfg: UpdateConfig) -> bool:
-    if cfg.multiplex_ratio not in ("per_draw", "joint"):
-        raise ValueError(f"multiplex_ratio must be per_draw or joint, got {cfg.multiplex_ratio!r}")
-    return cfg.multiplex_ratio == "per_draw"
-
-
 def pad_logprobs(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     R = max(r.shape[0] for r in rows)
     out = torch.zeros(len(rows), R, dtype=rows[0].dtype, device=rows[0].device)
@@ -65,7 +59,7 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     optimizer step."""
     dev = next(model.parameters()).device
     adv = compute_advantages(cfg.advantage, rewards, group).to(dev)
-    per_draw = _per_draw(cfg)
+    per_draw = per_draw_ratio(cfg.multiplex_ratio)
     pad = pad_draws if per_draw else pad_logprobs
     with torch.no_grad():
         old = pad(teacher_forced_logprobs(model, trajs, cfg.density, per_draw=per_draw))

@@ -39,7 +39,7 @@ import torch
 from soft_rl.checkpoints import usable_checkpoints
 from soft_rl.config import Config, load_config, to_yaml, validate_device
 from soft_rl.data import Problem, filter_overlong, load_problems, render_prompt
-from soft_rl.draws import joint_logprob
+from soft_rl.draws import joint_logprob, per_draw_ratio
 from soft_rl.evaluation import response_text, sample_seed
 from soft_rl.faults import EXIT_PREEMPTED, FaultLog, Preempted, Preemption
 from soft_rl.losses import compute_advantages
@@ -466,7 +466,7 @@ class TrainingRun:
         lc, learners, trajs = self.cfg.learner, self.actors.learners, batch.trajs
         t0 = time.perf_counter()
         adv = compute_advantages(lc.advantage, batch.rewards, batch.group)
-        old = learners.logprobs(trajs, per_draw=lc.multiplex_ratio == "per_draw")
+        old = learners.logprobs(trajs, per_draw=per_draw_ratio(lc.multiplex_ratio))
         ref = learners.logprobs(trajs, "ref") if lc.kl_coef else None
         gaps = LogprobGaps.measure([joint_logprob(lp) for lp in old], trajs)
         if lc.sync_probe and check_parity:

@@ -36,7 +36,7 @@ except ModuleNotFoundError:  # LearnerWorker itself runs without Ray (tests/gpu 
     ray = None
 
 from soft_rl.config import LearnerConfig
-from soft_rl.draws import draw_mask, pad_draws, split_draws
+from soft_rl.draws import draw_mask, pad_draws, per_draw_ratio, split_draws
 from soft_rl.lean_logprobs import head_logprobs, token_scores
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
 from soft_rl.losses import (
@@ -392,7 +392,7 @@ class LearnerWorker:
             if not trajs:
                 self.engine.backward(self._filler_forward(self.engine, micro_batches), scale_wrt_gas=False)
                 continue
-            per_draw = c.multiplex_ratio == "per_draw"
+            per_draw = per_draw_ratio(c.multiplex_ratio)
             (flat, flat_ent), lengths = self._forward(self.engine, trajs, with_entropy=True,
                                                       entropy_grad=bool(c.entropy_coef), per_draw=per_draw)
             ent = pad_rows(flat_ent, lengths)

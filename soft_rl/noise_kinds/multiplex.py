@@ -59,3 +59,10 @@ MULTIPLEX = register_noise(NoiseKind("multiplex", draw_prob, weights, _SCORES, _
 MULTIPLEX_UNIFORM = register_noise(NoiseKind("multiplex_uniform", draw_uniform, weights, _SCORES, __doc__,
                                              draw_slots=draw_slots, sorts_slots=False, samples_kept_set=True,
                                              scores_full_vocab=True))
+# rollout.multiplex_weights -> the registered kind the sampler runs for rollout.noise=multiplex
+MULTIPLEX_WEIGHTS = {"prob": MULTIPLEX.name, "uniform": MULTIPLEX_UNIFORM.name}
+
+
+def weighted_kind(noise: str, multiplex_weights: str) -> str:
+    """The kind a request runs: ``noise``, or for ``multiplex`` the variant its merge weights select."""
+    return MULTIPLEX_WEIGHTS[multiplex_weights] if noise == MULTIPLEX.name else noise
