@@ -11,7 +11,9 @@ overrides). Arms (``ARMS``; ``--arm`` adds one by name, e.g. a method registered
 - ``grpo``: token sampling in both phases (``rollout.soft=false``);
 - ``softgrpo-official`` / ``-exact`` / ``-gumbel-max``: soft thinking with Gumbel noise, soft steps scored by that
   density (``learner.density``);
-- ``multiplex``: Multiplex Thinking (K = 3 draws per thinking step, one clipped ratio per draw).
+- ``multiplex``: Multiplex Thinking (K = 3 draws per thinking step, one clipped ratio per draw);
+- ``gaussian-soft``: Gaussian soft tokens (the tau 0.5 mixture of the K slots plus sigma eps on the next input,
+  scored by the input's Gaussian density; RLOO advantages, as the paper trains it).
 
 The start and every trained model are evaluated on the first ``--problems`` held-out problems with ``--n``
 samples each and the same sampler for every arm (T 1.0, top-k 5, top-p 0.95, K 5, tau_g 0.1, Gumbel noise),
@@ -50,6 +52,9 @@ ARMS = {
     # Multiplex Thinking with the paper's K = 3 and its official per-draw loss, on the toy's training sampler
     "multiplex": ["rollout.soft=true", "rollout.noise=multiplex", "rollout.k=3", "learner.density=exact",
                   "learner.multiplex_ratio=per_draw"],
+    # Gaussian soft tokens with the paper's method keys: the tau 0.5 mixture, sigma = 0.33 x RMS(E), RLOO
+    "gaussian-soft": ["rollout.soft=true", "rollout.noise=embedding_gaussian", "rollout.tau=0.5",
+                      "rollout.embedding_noise=0.33", "learner.density=exact", "learner.advantage=rloo"],
 }
 # task -> (its toy-init directory under .cache, its preset overrides, its generation budget)
 TASKS = {

@@ -154,7 +154,8 @@ def _add_eval(sub) -> None:
                         "--dtype bfloat16, --reward math_whole (explicit flags override it)")
     for flag, typ in (("--n", int), ("--temperature", float), ("--top-k", int), ("--top-p", float),
                       ("--min-p", float), ("--k", int), ("--tau", float), ("--noise", str),
-                      ("--max-new-tokens", int), ("--seed", int), ("--think-end", str), ("--thinking-budget", int)):
+                      ("--max-new-tokens", int), ("--seed", int), ("--think-end", str), ("--thinking-budget", int),
+                      ("--embedding-noise", float)):
         e.add_argument(flag, type=typ, default=None)
     # the keys of soft_rl.noise_kinds.multiplex.MULTIPLEX_WEIGHTS (not imported here: it loads torch)
     e.add_argument("--multiplex-weights", choices=["prob", "uniform"], default="prob",
@@ -180,7 +181,7 @@ def _eval_run(args):
     from workers.eval import EvalRun
 
     names = ("n", "temperature", "top_k", "top_p", "min_p", "k", "tau", "noise", "max_new_tokens", "seed", "think_end",
-             "thinking_budget")
+             "thinking_budget", "embedding_noise")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if "noise" in given:  # the registered kind (rollout.multiplex_weights in training)
         from soft_rl.noise_kinds.multiplex import weighted_kind

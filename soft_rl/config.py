@@ -21,6 +21,7 @@ from soft_rl.engine_step import ENGINE_STEP_MODES
 from soft_rl.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS
 from soft_rl.lr_schedule import LR_SCHEDULES
 from soft_rl.noise_kinds import NOISES
+from soft_rl.noise_kinds.embedding_gaussian import EMBEDDING_NOISE, sigma_from_rms
 from soft_rl.noise_kinds.multiplex import MULTIPLEX_UNIFORM, MULTIPLEX_WEIGHTS, weighted_kind
 from soft_rl.sampling import SoftSamplingParams
 
@@ -59,13 +60,17 @@ class RolloutConfig:
     answer_min_p: float | None = None
     k: int = 5  # soft slots K
     tau: float = 0.1  # Gumbel-softmax temperature tau_g
-    noise: str = "gumbel"  # a soft_rl.noise_kinds kind: gumbel | dirichlet | gaussian | none | multiplex
+    # a soft_rl.noise_kinds kind: gumbel | dirichlet | gaussian | none | multiplex | embedding_gaussian
+    noise: str = "gumbel"
     # noise=multiplex: the next input weighs the K draws by their probabilities renormalised over the draws (prob)
     # or equally (uniform: the official enable_unweighting)
     multiplex_weights: str = "prob"
     noise_scale: float = 1.0  # lambda
     noise_clamp: list[float] | None = field(default_factory=lambda: [-1.5, 3.0])
     dirichlet_alpha: float = 1.0
+    # noise=embedding_gaussian: the input noise's standard deviation per coordinate, as a fraction of the RMS of
+    # the policy's input embedding (0.33: "Soft Tokens, Hard Truths"); tau is the mixture's softmax temperature
+    embedding_noise: float = EMBEDDING_NOISE
     think_end: str = "</think>"
     thinking_budget: int | None = None
     kv_cache_gb: int = 1  # CPU engines (VLLM_CPU_KVCACHE_SPACE)
@@ -89,9 +94,9 @@ class RolloutConfig:
             return self.max_num_seqs
         return -(-prompts_per_step * self.n // self.num_engines)
 
-    def eval_sampling_params(self, seed: int) -> SoftSamplingParams:
+    def eval_sampling_params(self, seed: int, embedding_rms: float | None = None) -> SoftSamplingParams:
         """The held-out evaluation's sampling: the training sampler with the eval_* overrides."""
-        p = self.sampling_params(seed)
+        p = self.sampling_params(seed, embedding_rms)
         for name, value in (("temperature", self.eval_temperature), ("top_p", self.eval_top_p),
                             ("top_k", self.eval_top_k)):
             if value is not None:
@@ -106,15 +111,28 @@ class RolloutConfig:
         method's own key picks (``multiplex_weights=uniform``: ``multiplex_uniform``)."""
         return weighted_kind(self.noise, self.multiplex_weights)
 
-    def sampling_params(self, seed: int) -> SoftSamplingParams:
+    @property
+    def noises_input(self) -> bool:
+        """Whether the soft steps' noise is on the next input (its sigma needs the policy's embedding RMS)."""
+        return self.soft and NOISES[self.noise_kind].noises_input
+
+    def sampling_params(self, seed: int, embedding_rms: float | None = None) -> SoftSamplingParams:
+        """One request's sampling. ``embedding_rms``: the RMS of the policy's input embedding at the weights that
+        will run the request, which sets the input noise's sigma when the kind noises the input (required then)."""
+        sigma = 0.0
+        if self.noises_input:
+            if embedding_rms is None:
+                raise ValueError(f"rollout.noise={self.noise} noises the input: its sigma needs the policy's embedding "
+                                 "RMS (sampling_params(seed, embedding_rms=...))")
+            sigma = sigma_from_rms(embedding_rms, self.embedding_noise)
         return SoftSamplingParams(
             soft=self.soft, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             answer_temperature=self.answer_temperature, answer_top_k=self.answer_top_k,
             answer_top_p=self.answer_top_p, answer_min_p=self.answer_min_p, k=self.k, tau=self.tau,
             noise=self.noise_kind, noise_scale=self.noise_scale,
             noise_clamp=None if self.noise_clamp is None else tuple(self.noise_clamp),
-            dirichlet_alpha=self.dirichlet_alpha, think_end=self.think_end, thinking_budget=self.thinking_budget,
-            seed=seed)
+            dirichlet_alpha=self.dirichlet_alpha, embedding_sigma=sigma, think_end=self.think_end,
+            thinking_budget=self.thinking_budget, seed=seed)
 
 
 @dataclass
@@ -248,9 +266,10 @@ def validate(cfg: Config) -> None:
     _check(r.noise in ROLLOUT_NOISES, "rollout.noise", f"must be one of {list(ROLLOUT_NOISES)}")
     _check(r.multiplex_weights in MULTIPLEX_WEIGHTS, "rollout.multiplex_weights",
            f"must be one of {list(MULTIPLEX_WEIGHTS)}")
+    _check(r.embedding_noise > 0, "rollout.embedding_noise", "must be > 0 (the input noise's sigma / RMS of E)")
     try:
-        r.sampling_params(seed=0)
-        r.eval_sampling_params(seed=0)
+        r.sampling_params(seed=0, embedding_rms=1.0)  # any RMS: the rest of the request is what is checked
+        r.eval_sampling_params(seed=0, embedding_rms=1.0)
     except ValueError as e:
         raise ConfigError(f"config key 'rollout': {e}") from e
     _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")

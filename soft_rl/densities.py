@@ -32,6 +32,7 @@ from soft_rl.noise_kinds import (  # noqa: F401  (re-exported: the constants' pu
     rows_where,
 )
 from soft_rl.noise_kinds.base import gamma_logpdf, gumbel_logpdf, normal_logpdf  # noqa: F401
+from soft_rl.noise_kinds.embedding_gaussian import EmbeddingObservation
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -65,8 +66,8 @@ class DensityMode:
     def noises(self) -> tuple[str, ...]:
         return tuple(n for n, kind in NOISES.items() if self.name in kind.scores)
 
-    def score(self, noise: str, *args) -> torch.Tensor:
-        return NOISES[noise].scores[self.name](*args)
+    def score(self, noise: str, *args, **kwargs) -> torch.Tensor:
+        return NOISES[noise].scores[self.name](*args, **kwargs)
 
 
 DENSITIES: dict[str, DensityMode] = {}
@@ -95,6 +96,7 @@ def soft_logprob(
     clamp: tuple[float | torch.Tensor, float | torch.Tensor] | None = GUMBEL_CLAMP,
     dirichlet_alpha: float | torch.Tensor = 1.0,
     log_norm: torch.Tensor | None = None,
+    embedding: EmbeddingObservation | None = None,
 ) -> torch.Tensor:
     """Log-probability of soft steps, shape [...], from K gathered logits [..., K] and stored values, scored by
     the density ``mode`` (``DENSITIES``: official, exact, gumbel-max; each function's docstring has its formula).
@@ -105,7 +107,8 @@ def soft_logprob(
     slots (requests with fewer than K slots) and should be ``density_slots(...)``: the slots the rollout's
     truncation kept. ``noise_scale``, the clamp bounds and ``dirichlet_alpha`` may be floats or per-row
     tensors of the batch shape [...]. Dirichlet slots with x_k = 0 (zero-probability slots the rollout left
-    empty) carry no information and are excluded.
+    empty) carry no information and are excluded. A kind that noises the input (``NoiseKind.noises_input``) is
+    scored from ``embedding``: the observed inputs, the policy's embedding rows at the ids, sigma and tau.
     """
     density = density_mode(mode)
     if not noise_kind(noise).trainable:
@@ -125,8 +128,13 @@ def soft_logprob(
     noisy = noisy.to(z.dtype)
     if clamp is not None:
         clamp = (_per_row(clamp[0], noisy), _per_row(clamp[1], noisy))
-    return density.score(noise, logp_hat, torch.exp(logp_hat), noisy, valid, _per_row(noise_scale, noisy), clamp,
-                         _per_row(dirichlet_alpha, noisy)).to(out_dtype)
+    args = (logp_hat, torch.exp(logp_hat), noisy, valid, _per_row(noise_scale, noisy), clamp,
+            _per_row(dirichlet_alpha, noisy))
+    if noise_kind(noise).noises_input:
+        if embedding is None:
+            raise ValueError(f"noise={noise!r} is scored from the observed input: pass embedding=")
+        return density.score(noise, *args, embedding=embedding).to(out_dtype)
+    return density.score(noise, *args).to(out_dtype)
 
 
 def density_mode(mode: str) -> DensityMode:
@@ -211,9 +219,11 @@ class RowNoise:
 
 
 def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: str, rows: RowNoise,
-                      valid: torch.Tensor, log_norm: torch.Tensor | None = None) -> torch.Tensor:
+                      valid: torch.Tensor, log_norm: torch.Tensor | None = None,
+                      embedding: EmbeddingObservation | None = None) -> torch.Tensor:
     """``soft_logprob`` of N rows [N, K], each with its own noise kind and settings (``rows``); ``log_norm`` [N] for
-    rows of kinds scored through the full vocabulary."""
+    rows of kinds scored through the full vocabulary; ``embedding`` holds the rows of the kind that noises the input
+    (``NoiseKind.noises_input``), in their order among the N."""
     untrainable = [k for k in rows.kinds if not NOISES[k].trainable]
     if untrainable:
         raise ValueError(f"a soft step drawn with noise={untrainable[0]!r} has no density: it cannot be scored "
@@ -221,9 +231,17 @@ def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: st
 
     def score(name, idx=None):
         pick = (lambda t: t) if idx is None else (lambda t: t[idx])
+        obs = None
+        if NOISES[name].noises_input:
+            if embedding is None:
+                raise ValueError(f"noise={name!r} is scored from the observed input: pass embedding=")
+            obs = embedding
+            n = logits_at_ids.shape[0] if idx is None else idx.numel()
+            if obs.obs.shape[0] != n:
+                raise ValueError(f"{n} soft steps of noise={name!r} but {obs.obs.shape[0]} observed inputs")
         return soft_logprob(pick(logits_at_ids), pick(noisy), mode, pick(rows.scale), noise=name, valid=pick(valid),
                             clamp=(pick(rows.clamp_lo), pick(rows.clamp_hi)), dirichlet_alpha=pick(rows.alpha),
-                            log_norm=None if log_norm is None else pick(log_norm))
+                            log_norm=None if log_norm is None else pick(log_norm), embedding=obs)
 
     if len(rows.kinds) == 1:
         return score(rows.kinds[0])

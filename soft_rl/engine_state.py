@@ -36,7 +36,15 @@ from soft_rl.densities import NOISE_KINDS
 from soft_rl.noise_kinds import noise_kind
 from soft_rl.phase import PhaseTracker
 from soft_rl.rng import NoiseCounters
-from soft_rl.sampling import NOISE_CODES, SampleOutput, SamplingBatch, SoftSamplingParams, mix_rows, soft_sample
+from soft_rl.sampling import (
+    NOISE_CODES,
+    SampleOutput,
+    SamplingBatch,
+    SoftSamplingParams,
+    input_offsets,
+    mix_rows,
+    soft_sample,
+)
 
 # Phase-dependent SamplingBatch columns come from the phase state each step (as in soft_rl.reference.generate);
 # every other column is a fixed per-request parameter.
@@ -81,8 +89,9 @@ class SoftStateStore:
     None: the vocabulary); ``allocate`` refuses wider requests and ``profile_step`` runs at this width."""
 
     def __init__(self, slots: int, gen_len: int, width: int, marker_width: int, device, vocab_size: int,
-                 max_candidates: int | None = None):
+                 max_candidates: int | None = None, hidden_size: int | None = None):
         self.device = torch.device(device)
+        self.hidden_size = hidden_size  # the model's H: the size of the input noise of a kind that noises the input
         self.width = int(width)
         self.vocab_size = int(vocab_size)
         if max_candidates is not None and not self.width <= max_candidates:
@@ -307,18 +316,32 @@ class SoftStateStore:
         # without a thinking budget in the batch nothing can be forced: skip the forcing ops
         force = tracker.forced_tokens() if has_budget else None
         out = soft_sample(logits, batch, NoiseCounters(batch.seed, steps), force_token=force, density=density,
-                          candidates=candidates, kinds=kinds)
+                          candidates=candidates, kinds=kinds, hidden_size=self.hidden_size)
         out, _, forced = tracker.advance(out)
         self.put_tracker(slots, tracker)
         self.record(slots, steps, out, forced)
         return out
 
-    def mixed_inputs(self, embed, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    def _param(self, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """The parameter column ``name`` of these slots."""
+        for dtype, names in self._packing_cache.items():
+            if name in names:
+                return self.t["p_" + str(dtype)][:, names.index(name)].index_select(0, slots)
+        raise KeyError(name)
+
+    def mixed_inputs(self, embed, slots: torch.Tensor, steps: torch.Tensor,
+                     kinds: tuple[str, ...] = ()) -> torch.Tensor:
         """The soft inputs that follow generated step ``steps`` of ``slots``: sum_k w_k E[i_k], [N, H]
-        (``embed`` maps ids to embedding rows: the model's own, vocabulary-parallel aware)."""
+        (``embed`` maps ids to embedding rows: the model's own, vocabulary-parallel aware), plus sigma eps on the
+        soft steps of a kind that noises the input. ``kinds``: the noise kinds of these slots (``step_hints``, a
+        host-side fact), so that the input noise is computed only where such a kind is present."""
         ids, w = self.inputs(slots, steps)
         N, K = ids.shape
-        return mix_rows(embed(ids.reshape(-1)).view(N, K, -1), w)
+        rows = embed(ids.reshape(-1)).view(N, K, -1)
+        is_soft = self._flat("is_soft").index_select(0, slots * self.gen_len + steps)
+        offset = input_offsets(self._param("noise", slots), is_soft, self._param("seed", slots), steps,
+                               self._param("embedding_sigma", slots), rows.shape[-1], kinds)
+        return mix_rows(rows, w, offset)
 
     def extract(self, slot: int, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` generated positions of a slot (every history field, keyed by SampleOutput

@@ -21,8 +21,11 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from soft_rl.metrics import first_k_pass, pass_at_k, powers_of_two_upto
+from soft_rl.noise_kinds import noise_kind
+from soft_rl.noise_kinds.embedding_gaussian import EMBEDDING_NOISE, embedding_rms, sigma_from_rms
 from soft_rl.sampling import SoftSamplingParams
 
 # The paper's evaluation settings (SofT-GRPO §4.1): 32 samples, T = 1.0, top-k = K = 5, top-p 0.95,
@@ -62,6 +65,10 @@ class EvalSettings:
     think_end: str = "</think>"
     thinking_budget: int | None = None  # force think_end after this many thinking steps (models without it)
     seed: int = 0
+    # noise=embedding_gaussian: sigma = embedding_noise x the RMS of the model's input embedding (embedding_rms;
+    # None: read from the checkpoint by the evaluation run, ``checkpoint_embedding_rms``)
+    embedding_noise: float = EMBEDDING_NOISE
+    embedding_rms: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("soft", "discrete"):
@@ -70,19 +77,49 @@ class EvalSettings:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        self.params(0)  # validates the sampling parameters
+        self.params(0, validate_only=True)  # validates the sampling parameters
 
     @classmethod
     def paper(cls, **overrides) -> EvalSettings:
         return cls(**{**PAPER_PRESET, **overrides})
 
-    def params(self, seed: int) -> SoftSamplingParams:
+    @property
+    def needs_embedding_rms(self) -> bool:
+        return self.mode == "soft" and noise_kind(self.noise).noises_input
+
+    def params(self, seed: int, validate_only: bool = False) -> SoftSamplingParams:
+        sigma = 0.0
+        if self.needs_embedding_rms:
+            if not self.embedding_noise > 0:
+                raise ValueError(f"embedding_noise must be > 0, got {self.embedding_noise}")
+            if self.embedding_rms is None and not validate_only:
+                raise ValueError(f"noise={self.noise!r} needs the model's embedding RMS (EvalSettings.embedding_rms)")
+            sigma = sigma_from_rms(1.0 if self.embedding_rms is None else self.embedding_rms, self.embedding_noise)
         return SoftSamplingParams(soft=self.mode == "soft", temperature=self.temperature, top_k=self.top_k,
                                   top_p=self.top_p, min_p=self.min_p, k=self.k, tau=self.tau, noise=self.noise,
-                                  think_end=self.think_end, thinking_budget=self.thinking_budget, seed=seed)
+                                  embedding_sigma=sigma, think_end=self.think_end,
+                                  thinking_budget=self.thinking_budget, seed=seed)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def checkpoint_embedding_rms(model_dir: str | Path) -> float:
+    """The RMS of a Hugging Face checkpoint's input embedding, read from its safetensors files alone (no model is
+    built): the tensor whose name ends with one of ``EMBEDDING_NAMES``."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name.endswith(EMBEDDING_NAMES):
+                    return embedding_rms(st.get_tensor(name))
+    raise ValueError(f"{model_dir}: no input embedding ({' / '.join(EMBEDDING_NAMES)}) in "
+                     f"{len(files)} safetensors file(s); pass the RMS (EvalSettings.embedding_rms)")
 
 
 def sample_seed(seed: int, key: str, j: int) -> int:

@@ -14,6 +14,7 @@ import torch
 
 from soft_rl.densities import RowNoise, soft_logprob, soft_logprob_rows
 from soft_rl.losses import entropy_from_logits
+from soft_rl.noise_kinds.embedding_gaussian import EmbeddingObservation
 
 
 def _head_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -242,6 +243,7 @@ def head_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     per_draw: bool = False,
+    embedding: EmbeddingObservation | None = None,
 ):
     """Log-probs [N] of N scored positions from the head outputs the learner's model returns:
     ``disc_scores`` = (log-probs [Nd] or [Nd, J], entropies [Nd]) at the positions scored through the full
@@ -253,7 +255,9 @@ def head_logprobs(
     ``with_entropy``: (log-probs, entropies [N]), full-vocabulary at full positions, over the K
     density slots at lean soft ones (differentiable only with ``entropy_grad``: a metric-only entropy
     builds no graph). With ``per_draw``: per-draw log-probs [N, J] (``soft_rl.draws``): at a soft position of a
-    full-vocabulary kind its valid draws' log p(i_j) (0 at the others), elsewhere the one score in column 0."""
+    full-vocabulary kind its valid draws' log p(i_j) (0 at the others), elsewhere the one score in column 0.
+    ``embedding``: the observation of the lean soft positions of a kind that noises the input, in their order
+    (``MicroBatch.embedding_observation``)."""
     N = is_soft.shape[0]
     full_vocab = ~is_soft if full_vocab is None else full_vocab
     ent = torch.zeros(N, dtype=torch.float32, device=is_soft.device) if with_entropy else None
@@ -285,7 +289,7 @@ def head_logprobs(
             ent = ent.index_put((full,), d_ent if entropy_grad else d_ent.detach())
     if lean.numel():
         z = soft_logits.float() / temperature[lean, None]
-        lp = soft_logprob_rows(z, noisy[lean], density, noise.take(lean), slots[lean])
+        lp = soft_logprob_rows(z, noisy[lean], density, noise.take(lean), slots[lean], embedding=embedding)
         out = out.index_put((lean, torch.zeros_like(lean)), lp.float())
         if with_entropy:
             with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):

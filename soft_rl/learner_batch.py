@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from soft_rl.densities import RowNoise, density_slots
-from soft_rl.reference import build_inputs_embeds
+from soft_rl.noise_kinds import noise_kind
+from soft_rl.noise_kinds.embedding_gaussian import EmbeddingObservation
+from soft_rl.reference import build_inputs_embeds, observed_inputs
 from soft_rl.trajectory import Trajectory
 
 
@@ -60,9 +62,25 @@ class MicroBatch:
     slots: torch.Tensor  # [N, K] slots entering the soft density
     noise: RowNoise  # [N] each position's request noise settings (requests may differ within a micro-batch)
     lengths: list[int]  # R per trajectory, to split the N positions back
+    # soft steps of a kind that noises the input (NoiseKind.noises_input), None when the micro-batch holds no
+    # trajectory of such a kind: their indices among the lean soft rows (soft_rows order), the inputs h observed
+    # after them [Ng, H] float32 (rebuilt from the rollout-time embedding), sigma and tau [Ng]
+    input_noise_rows: torch.Tensor | None = None
+    input_obs: torch.Tensor | None = None
+    input_sigma: torch.Tensor | None = None
+    input_tau: torch.Tensor | None = None
+
+    def embedding_observation(self, rows: torch.Tensor | None) -> EmbeddingObservation | None:
+        """The density's observation of the input-noised soft steps, with the policy's embedding ``rows`` [Ng, K, H]
+        at their ids (the model's forward returns them)."""
+        if self.input_noise_rows is None:
+            return None
+        return EmbeddingObservation(obs=self.input_obs, rows=rows, sigma=self.input_sigma, tau=self.input_tau)
 
 
 def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory], density: str) -> MicroBatch:
+    """``embedding_weight``: the embedding the inputs are rebuilt from (for a kind that noises the input, the
+    rollout-time one: its inputs are the density's observations)."""
     dev = embedding_weight.device
     seqs = [build_inputs_embeds(embedding_weight, t) for t in trajs]
     B, L, H = len(seqs), max(s.shape[0] for s in seqs), embedding_weight.shape[1]
@@ -91,12 +109,32 @@ def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory
     full_t = ~soft_t | (soft_t & noise.full_vocab())
     lean_t = soft_t & ~full_t
     labels = ids_t[full_t] if bool((soft_t & full_t).any()) else tokens_t[full_t, None]
+    noised = [noise_kind(t.sampling.noise).noises_input for t in trajs]
+    extra = {}
+    if any(noised):  # the observed inputs after the soft steps of a kind that noises the input
+        lean_idx = torch.full((soft_t.numel(),), -1, dtype=torch.long)
+        lean_idx[lean_t] = torch.arange(int(lean_t.sum()))
+        rows, obs, sigma, tau, start = [], [], [], [], 0
+        for t, on in zip(trajs, noised, strict=True):
+            if on and t.num_soft:
+                soft = t.is_soft.nonzero().flatten()
+                rows.append(lean_idx[start + soft])
+                obs.append(observed_inputs(embedding_weight, t)[soft.to(dev)])
+                sigma.append(torch.full((soft.numel(),), t.sampling.embedding_sigma, dtype=torch.float32))
+                tau.append(torch.full((soft.numel(),), t.sampling.tau, dtype=torch.float32))
+            start += t.num_tokens
+        H = embedding_weight.shape[1]
+        extra = dict(input_noise_rows=torch.cat(rows).to(dev) if rows else torch.zeros(0, dtype=torch.long, device=dev),
+                     input_obs=torch.cat(obs) if obs else torch.zeros(0, H, device=dev),
+                     input_sigma=torch.cat(sigma).to(dev) if sigma else torch.zeros(0, device=dev),
+                     input_tau=torch.cat(tau).to(dev) if tau else torch.zeros(0, device=dev))
     return MicroBatch(
         inputs_embeds=x, attention_mask=attn, position_ids=pos,
         disc_rows=flat_t[full_t].to(dev), soft_rows=flat_t[lean_t].to(dev), soft_ids=ids_t[lean_t].to(dev),
         disc_labels=labels.to(dev), order_is_soft=soft_t.to(dev), order_full=full_t.to(dev),
         tokens=tokens_t.to(dev), noisy=torch.cat(noisy).to(dev),
-        temperature=torch.cat(temps).to(dev), slots=torch.cat(slots).to(dev), noise=noise.to(dev), lengths=lengths)
+        temperature=torch.cat(temps).to(dev), slots=torch.cat(slots).to(dev), noise=noise.to(dev), lengths=lengths,
+        **extra)
 
 
 def pad_rows(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:

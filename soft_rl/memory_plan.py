@@ -418,7 +418,7 @@ def candidate_width(cfg: Config, vocab: int) -> int:
     and the evaluation sampling settings (what the engine profiles and is capped at)."""
     from soft_rl.engine_state import candidates_needed
 
-    params = [cfg.rollout.sampling_params(0), cfg.rollout.eval_sampling_params(0)]
+    params = [cfg.rollout.sampling_params(0, embedding_rms=1.0), cfg.rollout.eval_sampling_params(0, embedding_rms=1.0)]
     return max(candidates_needed(p, cfg.rollout.k, vocab) for p in params)
 
 
@@ -620,6 +620,9 @@ def _learner(plan: MemoryPlan, cfg: Config, s: ModelShape) -> dict:
         else:
             ref, rf = b * P, "whole model in the compute dtype on the learner's GPU"
         res += add(role, "KL reference model", ref, rf, "resident")
+    if r.noises_input:  # learner._snapshot_embedding: a gathered copy while the step trains
+        res += add(role, "rollout-time input embedding", b * s.vocab_size * s.hidden_size,
+                   "b x vocabulary x hidden (the inputs a noise-on-input kind is scored at)", "resident")
     resident = fixed + res
     # the micro-batch
     seq_max = min(d.max_prompt_tokens + r.max_new_tokens, cfg.model.max_model_len)
@@ -642,6 +645,13 @@ def _learner(plan: MemoryPlan, cfg: Config, s: ModelShape) -> dict:
         add(role, name, est.terms[name], est.formulas[name], "peak")
     for name in est.phases[est.peak_phase]:
         add(role, name, est.terms[name], est.formulas[name] + f" [{est.peak_phase} phase]", "peak")
+    density = 0
+    if r.noises_input:  # the density's K embedding rows (float32 copy, saved for the backward) and observed input
+        density = add(role, "input-noise density", 4 * B * r.max_new_tokens * (2 * r.k + 2) * s.hidden_size,
+                      "4 B x soft positions x (2K + 2) x hidden: the rows, their float32 copy, h and mu", "peak")
+        if z == 3:  # the density's rows read the input embedding through its module: gathered whole meanwhile
+            density += add(role, "ZeRO-3 gathered input embedding", b * s.vocab_size * s.hidden_size,
+                           "b x vocabulary x hidden (for a tied model, the LM head already counted)", "peak")
     live = 0
     if z == 3:  # gathered parameters while the forward and backward run
         layer = s.layer_params()
@@ -662,7 +672,7 @@ def _learner(plan: MemoryPlan, cfg: Config, s: ModelShape) -> dict:
         # the optimizer's float32 gradient (stages 0-2 build it at the step; ZeRO-3 keeps one allocated) and torch
         # AdamW's foreach sqrt(exp_avg_sq) buffer (the non-finite guard sums each gradient: no [numel] mask)
         step = fp32_grad + 4 * local + (b * min(P, DS_ALLREDUCE_BUCKET) if z == 0 else 0)
-    peak_transient = max(est.peak + live, step)
+    peak_transient = max(est.peak + live + density, step)
     if step > est.peak + live:
         add(role, "optimizer step temporaries", step, "fp32 gradient + AdamW's sqrt buffer "
             "(+ stage 0's flat all-reduce buffer); larger than the backward", "peak")

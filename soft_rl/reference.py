@@ -19,10 +19,18 @@ import torch
 from soft_rl.densities import density_slots, soft_logprob, soft_weights
 from soft_rl.draws import draw_mask, scores_per_draw
 from soft_rl.losses import entropy_from_logits
-from soft_rl.noise_kinds import noise_kind
+from soft_rl.noise_kinds import NOISE_CODES, noise_kind
+from soft_rl.noise_kinds.embedding_gaussian import EmbeddingObservation
 from soft_rl.phase import PhaseTracker
 from soft_rl.rng import NoiseCounters
-from soft_rl.sampling import SamplingBatch, SoftSamplingParams, mix_embeddings, soft_sample
+from soft_rl.sampling import (
+    SamplingBatch,
+    SoftSamplingParams,
+    input_offsets,
+    mix_embeddings,
+    mix_rows_f32,
+    soft_sample,
+)
 from soft_rl.trajectory import Trajectory
 
 
@@ -78,13 +86,16 @@ def generate(
     active = torch.ones(B, dtype=torch.bool, device=dev)
     length = torch.zeros(B, dtype=torch.long, device=dev)
     n_think = torch.zeros(B, dtype=torch.long, device=dev)
+    kinds = tuple(sorted({p.noise for p in params}))
+    H = emb_w.shape[1]
     steps = []
     for t in range(max_new_tokens):
         for name, col in tracker.phase_columns(soft_enabled).items():
             setattr(batch, name, col)
         force = tracker.forced_tokens()
-        o = soft_sample(logits, batch, NoiseCounters(batch.seed, torch.full((B,), t, device=dev)),
-                        force_token=force, density=density)
+        step = torch.full((B,), t, device=dev)
+        o = soft_sample(logits, batch, NoiseCounters(batch.seed, step), force_token=force, density=density,
+                        hidden_size=H)
         o, was_thinking, forced = tracker.advance(o)
         steps.append((o, forced))
         length += active.long()
@@ -92,7 +103,8 @@ def generate(
         active = active & ~torch.isin(o.token, eos)
         if not bool(active.any()) or t == max_new_tokens - 1:
             break
-        emb = mix_embeddings(emb_w, o.ids, o.weights)[:, None, :]
+        offset = input_offsets(batch.noise, o.is_soft, batch.seed, step, batch.embedding_sigma, H, kinds)
+        emb = mix_embeddings(emb_w, o.ids, o.weights, offset)[:, None, :]
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], dim=1)
         out = model(inputs_embeds=emb, attention_mask=attn, position_ids=next_pos[:, None],
                     past_key_values=past, use_cache=True)
@@ -130,22 +142,53 @@ def rebuild_weights(traj: Trajectory, device=None) -> torch.Tensor:
     return torch.where(traj.is_soft.to(dev)[:, None], w, one_hot)
 
 
+def observed_inputs(embedding_weight: torch.Tensor, traj: Trajectory) -> torch.Tensor:
+    """[R, H] float32: the input that followed each generated step, sum_k w_k E[i_k] rebuilt from the stored values,
+    plus sigma eps on the soft steps of a kind that noises the input (regenerated from the request's counters)."""
+    dev = embedding_weight.device
+    s, R, H = traj.sampling, traj.num_tokens, embedding_weight.shape[1]
+    col = torch.ones(R, dtype=torch.int64, device=dev)
+    offset = input_offsets(col * NOISE_CODES[s.noise], traj.is_soft.to(dev), col * s.seed,
+                           torch.arange(R, device=dev), col.float() * s.embedding_sigma, H, (s.noise,))
+    ids, w = traj.topk_ids.to(dev), rebuild_weights(traj, dev)
+    return mix_rows_f32(embedding_weight[ids], w, offset)
+
+
 def build_inputs_embeds(embedding_weight: torch.Tensor, traj: Trajectory) -> torch.Tensor:
     """[P + R - 1, H]: prompt token embeddings, then the (detached) input after each step but the last."""
     dev = embedding_weight.device
     prompt = embedding_weight[traj.prompt_ids.to(dev)]
-    ids, w = traj.topk_ids[:-1].to(dev), rebuild_weights(traj, dev)[:-1]
-    return torch.cat([prompt, mix_embeddings(embedding_weight, ids, w)], dim=0).detach()
+    if noise_kind(traj.sampling.noise).noises_input:
+        mixed = observed_inputs(embedding_weight, traj)[:-1].to(embedding_weight.dtype)
+    else:
+        mixed = mix_embeddings(embedding_weight, traj.topk_ids[:-1].to(dev), rebuild_weights(traj, dev)[:-1])
+    return torch.cat([prompt, mixed], dim=0).detach()
 
 
-def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str, per_draw: bool = False) -> torch.Tensor:
+def embedding_observation(observed_embedding: torch.Tensor, embedding_weight: torch.Tensor, traj: Trajectory,
+                          rows: torch.Tensor | None = None) -> EmbeddingObservation:
+    """What the density of ``traj``'s soft steps (a kind that noises the input) is scored with: the inputs rebuilt
+    from the rollout-time ``observed_embedding``, the policy's ``embedding_weight`` rows at the stored ids
+    (differentiable), sigma and tau; ``rows``: the steps (default: the soft ones)."""
+    dev = embedding_weight.device
+    rows = traj.is_soft.nonzero().flatten() if rows is None else rows
+    obs = observed_inputs(observed_embedding.detach(), traj)[rows.to(observed_embedding.device)].to(dev)
+    n, s = rows.numel(), traj.sampling
+    return EmbeddingObservation(obs=obs, rows=embedding_weight[traj.topk_ids[rows].to(dev)],
+                                sigma=torch.full((n,), s.embedding_sigma, dtype=torch.float32, device=dev),
+                                tau=torch.full((n,), s.tau, dtype=torch.float32, device=dev))
+
+
+def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str, per_draw: bool = False,
+                      embedding: EmbeddingObservation | None = None) -> torch.Tensor:
     """Per-position log-probs [R] from the logits [R, V] that scored each generated position; with ``per_draw``
-    the per-draw log-probs [R, J] (``soft_rl.draws``)."""
+    the per-draw log-probs [R, J] (``soft_rl.draws``). ``embedding``: the trajectory's soft steps' observation, for a
+    kind that noises the input (``embedding_observation``)."""
     s = traj.sampling
     zt = logits.float() / traj.position_temperatures().to(logits.device)[:, None]
     if per_draw:
         if not scores_per_draw(traj):
-            return position_logprobs(logits, traj, density)[:, None]
+            return position_logprobs(logits, traj, density, embedding=embedding)[:, None]
         mask = draw_mask(traj, density).to(logits.device)
         ids = torch.where(traj.is_soft.to(logits.device)[:, None], traj.topk_ids.to(logits.device),
                           traj.tokens.to(logits.device)[:, None])
@@ -157,6 +200,11 @@ def position_logprobs(logits: torch.Tensor, traj: Trajectory, density: str, per_
     ids = traj.topk_ids.to(logits.device)
     clamp = s.noise_clamp
     valid = density_slots(traj.slot_valid(), traj.kept, density).to(logits.device)
+    if noise_kind(s.noise).noises_input:  # scored on the soft steps only: the observation exists there
+        rows = traj.is_soft.to(logits.device).nonzero().flatten()
+        soft = soft_logprob(zt.gather(1, ids)[rows], traj.noisy.to(logits.device)[rows], density, s.noise_scale,
+                            noise=s.noise, valid=valid[rows], clamp=clamp, embedding=embedding)
+        return discrete.index_put((rows,), soft.to(discrete.dtype))
     soft = soft_logprob(zt.gather(1, ids), traj.noisy.to(logits.device), density, s.noise_scale, noise=s.noise,
                         valid=valid, clamp=clamp, dirichlet_alpha=s.dirichlet_alpha, log_norm=torch.logsumexp(zt, -1))
     return torch.where(traj.is_soft.to(logits.device), soft, discrete)
@@ -175,12 +223,15 @@ def position_entropy(logits: torch.Tensor, traj: Trajectory, density: str) -> to
 
 
 def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "official",
-                            grad: bool = False, with_entropy: bool = False, per_draw: bool = False):
+                            grad: bool = False, with_entropy: bool = False, per_draw: bool = False,
+                            observed_embedding: torch.Tensor | None = None):
     """Learner-side per-position log-probs of each trajectory (right-padded batch, full logits);
     with ``with_entropy`` also the per-position entropies: (log-probs, entropies); with ``per_draw`` per-draw
-    log-probs [R, J] (``soft_rl.draws``)."""
+    log-probs [R, J] (``soft_rl.draws``). ``observed_embedding``: the embedding the rollout ran with (default: the
+    model's); the inputs are rebuilt from it, and a kind that noises the input is scored at those inputs."""
     emb_w = model.get_input_embeddings().weight
-    seqs = [build_inputs_embeds(emb_w, t) for t in trajs]
+    observed = emb_w.detach() if observed_embedding is None else observed_embedding
+    seqs = [build_inputs_embeds(observed, t) for t in trajs]
     L = max(s.shape[0] for s in seqs)
     H = emb_w.shape[1]
     dev = emb_w.device
@@ -194,7 +245,8 @@ def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "
         out, ent = [], []
         for b, t in enumerate(trajs):
             P, R = t.prompt_ids.shape[0], t.num_tokens
-            out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density, per_draw))
+            obs = embedding_observation(observed, emb_w, t) if noise_kind(t.sampling.noise).noises_input else None
+            out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density, per_draw, obs))
             if with_entropy:
                 ent.append(position_entropy(logits[b, P - 1: P - 1 + R], t, density))
     return (out, ent) if with_entropy else out

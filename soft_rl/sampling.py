@@ -21,7 +21,9 @@ min-p emptied hold the next most likely tokens with q = 0, which makes the store
 
 Rows in the answer (discrete) phase sample x ~ p3 computed with the answer-phase parameters and get
 one-hot weights [1, 0, ..., 0] on ids [x, x, ..., x]. Noise kinds: gumbel (the method), dirichlet
-and gaussian (the paper's ablations), none (plain soft thinking, y = l).
+and gaussian (the paper's ablations), none (plain soft thinking, y = l), multiplex (K i.i.d. draws) and
+embedding_gaussian (y = log q, w = softmax(y / tau), and sigma eps added to the next input where it is mixed:
+``input_offsets``).
 
 All randomness comes from ``soft_rl.rng``: a pure function of each row's (seed, step), so a
 trajectory is reproducible whatever else shares its batch.
@@ -36,6 +38,7 @@ import torch
 from soft_rl import rng
 from soft_rl.densities import density_mode, density_slots, soft_logprob
 from soft_rl.noise_kinds import EPS_LOG, GUMBEL_CLAMP, NOISE_CODES, NOISE_KINDS, NOISES, DrawContext, rows_where
+from soft_rl.noise_kinds.embedding_gaussian import input_noise, rollout_logprob
 
 
 @dataclass
@@ -61,6 +64,9 @@ class SoftSamplingParams:
     noise_scale: float = 1.0  # lambda
     noise_clamp: tuple[float, float] | None = GUMBEL_CLAMP  # None: unclamped Gumbel noise
     dirichlet_alpha: float = 1.0
+    # noise=embedding_gaussian: sigma, the standard deviation of the noise on each coordinate of the next input
+    # (rollout.embedding_noise x RMS of the policy's embedding at the weight version that generates the request)
+    embedding_sigma: float = 0.0
     think_end: str = "</think>"
     thinking_budget: int | None = None  # max thinking steps before the marker is forced
     seed: int = 0
@@ -98,6 +104,9 @@ class SoftSamplingParams:
             bad("noise_clamp", "must be (low, high) with low < high, or None")
         if not self.dirichlet_alpha > 0:
             bad("dirichlet_alpha", "must be > 0")
+        if self.soft and NOISES[self.noise].noises_input and not self.embedding_sigma > 0:
+            bad("embedding_sigma", f"must be > 0 for noise={self.noise!r} (set it from the policy's embedding: "
+                "soft_rl.noise_kinds.embedding_gaussian.embedding_sigma)")
         if self.thinking_budget is not None and self.thinking_budget < 0:
             bad("thinking_budget", "must be >= 0 or None")
         if not self.think_end:
@@ -129,6 +138,7 @@ class SamplingBatch:
     clamp_lo: torch.Tensor  # -inf / +inf when unclamped
     clamp_hi: torch.Tensor
     dirichlet_alpha: torch.Tensor
+    embedding_sigma: torch.Tensor
     seed: torch.Tensor
     width: int = field(default=0)  # K_max: width of the per-step id/value arrays
 
@@ -159,6 +169,7 @@ class SamplingBatch:
             clamp_lo=col(lambda p: -inf if p.noise_clamp is None else p.noise_clamp[0], torch.float32),
             clamp_hi=col(lambda p: inf if p.noise_clamp is None else p.noise_clamp[1], torch.float32),
             dirichlet_alpha=col(lambda p: p.dirichlet_alpha, torch.float32),
+            embedding_sigma=col(lambda p: p.embedding_sigma, torch.float32),
             seed=col(lambda p: p.seed, torch.int64),
             width=width or kmax,
         )
@@ -231,6 +242,7 @@ def soft_sample(
     *,
     candidates: int | None = None,
     kinds: tuple[str, ...] | None = None,
+    hidden_size: int | None = None,
 ) -> SampleOutput:
     """Sample one decode step for every row of ``logits`` [B, V] (see the module docstring).
 
@@ -242,7 +254,8 @@ def soft_sample(
     ``candidates`` (the top-C width, >= K and >= every active top_k, or V) and ``kinds`` (the noise
     kinds that may occur) are static hints for engines: given both, the function makes no
     data-dependent host synchronisation, so it can run inside a captured device graph. Without them
-    they are read from the batch.
+    they are read from the batch. ``hidden_size``: the model's H, needed by rows of a kind that noises the input
+    (``NoiseKind.noises_input``), whose step log-prob is that of the H-dimensional input noise.
     """
     B, V = logits.shape
     dev = logits.device
@@ -313,7 +326,11 @@ def soft_sample(
     z_at_ids = zt.gather(1, ids)
     clamp = (params.clamp_lo, params.clamp_hi)
     for name in kinds:
-        if name not in density_mode(density).noises:
+        if NOISES[name].noises_input and name in density_mode(density).noises:
+            if hidden_size is None:
+                raise ValueError(f"noise={name!r} noises the H-dimensional input: pass soft_sample(hidden_size=H)")
+            lp = rollout_logprob(step_seed, step, params.embedding_sigma, hidden_size).float()
+        elif name not in density_mode(density).noises:
             # a kind this density does not score (none, deterministic given the logits, or an evaluation
             # request's noise under gumbel-max): no density; the learner refuses to train such a row
             lp = torch.zeros_like(logprob)
@@ -360,19 +377,38 @@ def _weights_by_kind(y, params: SamplingBatch, valid, kinds):
     return _by_kind(params, kinds, lambda kind: kind.weights(y, params.tau, valid), y.float())
 
 
-def mix_embeddings(embedding_weight: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """e = sum_k w_k E[i_k] with w renormalised to sum 1; one-hot weights give exactly E[x].
+def mix_embeddings(embedding_weight: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
+    """e = sum_k w_k E[i_k] (+ offset) with w renormalised to sum 1; one-hot weights give exactly E[x].
 
     ids, weights: [..., K]; returns [..., H] in the embedding's dtype (accumulated in float32).
     """
-    return mix_rows(embedding_weight[ids], weights)
+    return mix_rows(embedding_weight[ids], weights, offset)
 
 
-def mix_rows(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k rows_k for already gathered embedding rows [..., K, H] (w renormalised to sum 1), accumulated
-    in float32; returns [..., H] in the rows' dtype. An elementwise product and a sum over K, not a
-    matmul: its rounding must not depend on the batch shape, so the rollout's inputs and the
-    learner's rebuilt inputs are bit-identical."""
+def mix_rows_f32(rows: torch.Tensor, weights: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k w_k rows_k (+ offset) in float32 for already gathered embedding rows [..., K, H] (w renormalised to
+    sum 1): an elementwise product and a sum over K, not a matmul, so its rounding does not depend on the batch
+    shape and the rollout's inputs and the learner's rebuilt inputs are bit-identical. ``offset`` [..., H] float32:
+    the input noise of a kind that noises the input (``input_offsets``; 0 leaves the sum's bits unchanged)."""
     w = weights.float()
     w = w / w.sum(-1, keepdim=True)
-    return (w.unsqueeze(-1) * rows.float()).sum(-2).to(rows.dtype)
+    out = (w.unsqueeze(-1) * rows.float()).sum(-2)
+    return out if offset is None else out + offset
+
+
+def mix_rows(rows: torch.Tensor, weights: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``mix_rows_f32`` returned in the rows' dtype: the input the model reads."""
+    return mix_rows_f32(rows, weights, offset).to(rows.dtype)
+
+
+def input_offsets(noise: torch.Tensor, is_soft: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                  sigma: torch.Tensor, hidden: int, kinds: tuple[str, ...]) -> torch.Tensor | None:
+    """sigma eps [N, H] float32 to add to the inputs after generated steps ``step`` [N] of N requests (noise codes,
+    seeds, sigmas [N]), on their soft steps of a kind that noises the input (``NoiseKind.noises_input``), 0 on the
+    other rows; None when no kind in ``kinds`` (those present, a host-side fact) noises the input."""
+    if not any(NOISES[name].noises_input for name in kinds):
+        return None
+    on = is_soft & rows_where(noise, kinds, lambda kind: kind.noises_input)
+    scale = torch.where(on, sigma.float(), torch.zeros_like(sigma, dtype=torch.float32))
+    return scale[:, None] * input_noise(seed, step, hidden)

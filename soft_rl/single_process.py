@@ -16,6 +16,7 @@ import torch
 
 from soft_rl.draws import draw_mask, pad_draws, per_draw_ratio
 from soft_rl.losses import PER_MICRO_BATCH_AGGREGATIONS, compute_advantages, ppo_policy_loss
+from soft_rl.noise_kinds import noise_kind
 from soft_rl.reference import teacher_forced_logprobs
 from soft_rl.trajectory import Trajectory
 
@@ -61,10 +62,14 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     adv = compute_advantages(cfg.advantage, rewards, group).to(dev)
     per_draw = per_draw_ratio(cfg.multiplex_ratio)
     pad = pad_draws if per_draw else pad_logprobs
+    # a kind that noises the input is scored at the inputs the rollout fed: rebuilt, in every forward of the step,
+    # from the embedding as it is now (the rollout's weights)
+    observed = model.get_input_embeddings().weight.detach().clone() \
+        if any(noise_kind(t.sampling.noise).noises_input for t in trajs) else None
     with torch.no_grad():
-        old = pad(teacher_forced_logprobs(model, trajs, cfg.density, per_draw=per_draw))
-        ref = pad(teacher_forced_logprobs(ref_model, trajs, cfg.density, per_draw=per_draw)) \
-            if ref_model is not None else None
+        old = pad(teacher_forced_logprobs(model, trajs, cfg.density, per_draw=per_draw, observed_embedding=observed))
+        ref = pad(teacher_forced_logprobs(ref_model, trajs, cfg.density, per_draw=per_draw,
+                                          observed_embedding=observed)) if ref_model is not None else None
     mask = loss_mask(trajs).to(dev)
     draws = pad_draws([draw_mask(t, cfg.density) for t in trajs]).to(dev) if per_draw else None
     n = len(trajs)
@@ -74,7 +79,7 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
     def mini_batch_loss(idx: torch.Tensor, agg: str):
         sub = [trajs[i] for i in idx.tolist()]
         lp_rows, ent_rows = teacher_forced_logprobs(model, sub, cfg.density, grad=True, with_entropy=True,
-                                                    per_draw=per_draw)
+                                                    per_draw=per_draw, observed_embedding=observed)
         logp = pad(lp_rows)
         R = logp.shape[1]
         J = logp.shape[2] if per_draw else None

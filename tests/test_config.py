@@ -57,6 +57,17 @@ def test_paper_presets_select_the_official_behaviour(preset):
     assert cfg.data.eval_files and all((ROOT / f).is_file() and not Path(f).is_absolute() for f in cfg.data.eval_files)
 
 
+def test_soft_tokens_preset_has_the_papers_method_settings():
+    """Gaussian soft tokens' preset: the method keys of "Soft Tokens, Hard Truths" (tau 0.5 mixture, sigma = 0.33 x
+    RMS(E), the input's Gaussian density, RLOO), and its requests carry sigma from the RMS the driver passes."""
+    cfg = load_config(ROOT / "configs" / "soft_tokens_llama_3.1_8b.yaml", ["model.path=/m"])
+    r, lr = cfg.rollout, cfg.learner
+    p = r.sampling_params(seed=1, embedding_rms=0.02)
+    assert (p.noise, p.tau, p.soft) == ("embedding_gaussian", 0.5, True)
+    assert p.embedding_sigma == pytest.approx(0.33 * 0.02, rel=1e-7)
+    assert (lr.density, lr.advantage, lr.kl_coef, lr.mini_batches) == ("exact", "rloo", 0.0, 1)
+
+
 def test_multiplex_preset_has_the_official_training_settings():
     """Multiplex Thinking's preset: the official script's values (scripts/train.sh and the README's command,
     docs/design/multiplex-reference.md section 5), and the sampler it builds draws K = 3 from the whole
@@ -121,7 +132,8 @@ def test_missing_model_path_and_unknown_yaml_key(tmp_path):
 @pytest.mark.parametrize("preset,shape", [("softgrpo_r1_distill_qwen_1p5b", "r1-distill-qwen-1.5b"),
                                           ("grpo_r1_distill_qwen_1p5b", "r1-distill-qwen-1.5b"),
                                           ("softgrpo_r1_distill_qwen_7b", "r1-distill-qwen-7b"),
-                                          ("multiplex_r1_distill_qwen_7b", "r1-distill-qwen-7b")])
+                                          ("multiplex_r1_distill_qwen_7b", "r1-distill-qwen-7b"),
+                                          ("soft_tokens_llama_3.1_8b", "llama-3.1-8b")])
 def test_gpu_presets_recompute_activations_and_fit_an_80gb_gpu(preset, shape):
     """The paper presets run on 8 x 80 GB GPUs: activation recomputation on, and the memory plan
     (soft_rl/memory_plan.py, the model's shape from configs/shapes/) finds no GPU that overflows."""
@@ -143,6 +155,7 @@ def test_every_toy_comparison_arm_loads_on_every_task():
     for task, (_, task_overrides, _) in tc.TASKS.items():
         for arm, overrides in tc.ARMS.items():
             cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", ["model.path=/m", *task_overrides, *overrides])
-            p = cfg.rollout.sampling_params(0)
+            p = cfg.rollout.sampling_params(0, embedding_rms=1.0)
             assert p.soft == (arm != "grpo"), (task, arm)
-            assert p.noise == ("multiplex" if arm.startswith("multiplex") else "gumbel"), (task, arm)
+            want = {"multiplex": "multiplex", "gaussian-soft": "embedding_gaussian"}.get(arm, "gumbel")
+            assert p.noise == want, (task, arm)

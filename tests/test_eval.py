@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -142,6 +143,46 @@ def test_eval_end_to_end_hf(toy_dir, tmp_path):
     assert [p["lengths"] for p in again["problems"]] == [p["lengths"] for p in probs]
 
 
+def test_eval_gaussian_soft_tokens_reads_sigma_from_the_checkpoint(toy_dir, tmp_path):
+    """``--noise embedding_gaussian``: sigma = --embedding-noise x the RMS of the checkpoint's input embedding (read
+    from its safetensors), recorded in the report; the samples are the HF reference's with that sigma, and differ
+    from those of another sigma (the input noise is really fed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from soft_rl.cli import main
+    from soft_rl.data import load_problems, render_prompt
+    from soft_rl.noise_kinds.embedding_gaussian import embedding_rms
+    from soft_rl.reference import generate
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join((toy_dir / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
+    base = ["eval", "--model", str(toy_dir / "model"), "--data", str(data), "--backend", "hf", "--n", "4",
+            "--max-new-tokens", "16", "--reward", "tests.test_eval:even_length", "--reward-actors", "0", "--seed", "3",
+            "--noise", "embedding_gaussian", "--tau", "0.5"]
+    assert main([*base, "--embedding-noise", "0.5", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "two.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(toy_dir / "model", dtype=torch.float32).eval()
+    rms = embedding_rms(model.get_input_embeddings().weight)
+    assert report["settings"]["embedding_rms"] == rms and report["settings"]["embedding_noise"] == 0.5
+    tok = AutoTokenizer.from_pretrained(toy_dir / "model")
+    settings = EvalSettings(n=4, max_new_tokens=16, seed=3, noise="embedding_gaussian", tau=0.5, embedding_noise=0.5,
+                            embedding_rms=rms)
+    lengths = {}
+    for sigma_scale in (1.0, 8.0):
+        got = []
+        for p in load_problems(data).problems:
+            params = [dataclasses.replace(settings.params(sample_seed(3, f"two.jsonl:{p.row}", j)),
+                                          embedding_sigma=settings.params(0).embedding_sigma * sigma_scale)
+                      for j in range(4)]
+            trajs = generate(model, [render_prompt(tok, p.prompt)] * 4, params, max_new_tokens=16,
+                             eos_token_ids=[tok.eos_token_id], tokenizer=tok, density="exact")
+            got.append(([t.num_tokens for t in trajs], [t.tokens.tolist() for t in trajs]))
+        lengths[sigma_scale] = got
+    assert [p["lengths"] for p in report["problems"]] == [g[0] for g in lengths[1.0]]
+    assert lengths[8.0] != lengths[1.0]
+
+
 @pytest.mark.slow
 def test_eval_vllm_backend_matches_hf(toy_dir, tmp_path, ray_cluster):
     """`soft-rl eval --backend vllm` (RolloutPool + RewardPool on Ray) gives the hf backend's samples."""
@@ -149,15 +190,18 @@ def test_eval_vllm_backend_matches_hf(toy_dir, tmp_path, ray_cluster):
 
     data = tmp_path / "two.jsonl"
     data.write_text("".join((toy_dir / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
-    common = ["eval", "--model", str(toy_dir / "model"), "--data", str(data), "--n", "4", "--max-new-tokens", "12",
-              "--reward", "tests.test_eval:even_length", "--seed", "5"]
-    assert main([*common, "--backend", "hf", "--reward-actors", "0", "--out", str(tmp_path / "hf")]) == 0
-    assert main([*common, "--backend", "vllm", "--reward-actors", "1", "--out", str(tmp_path / "vllm")]) == 0
-    hf = json.loads((tmp_path / "hf" / "two.json").read_text())
-    vl = json.loads((tmp_path / "vllm" / "two.json").read_text())
-    assert [p["lengths"] for p in vl["problems"]] == [p["lengths"] for p in hf["problems"]]
-    assert [p["outcomes"] for p in vl["problems"]] == [p["outcomes"] for p in hf["problems"]]
-    assert vl["pass_at_k"] == hf["pass_at_k"] and vl["reward_failures"] == 0
+    # Gumbel soft thinking, and Gaussian soft tokens (sigma from the checkpoint, the input noise fed by the engine)
+    for name, extra in (("gumbel", []), ("gauss", ["--noise", "embedding_gaussian", "--tau", "0.5"])):
+        common = ["eval", "--model", str(toy_dir / "model"), "--data", str(data), "--n", "4", "--max-new-tokens", "12",
+                  "--reward", "tests.test_eval:even_length", "--seed", "5", *extra]
+        assert main([*common, "--backend", "hf", "--reward-actors", "0", "--out", str(tmp_path / f"hf-{name}")]) == 0
+        assert main([*common, "--backend", "vllm", "--reward-actors", "1", "--out",
+                     str(tmp_path / f"vllm-{name}")]) == 0
+        hf = json.loads((tmp_path / f"hf-{name}" / "two.json").read_text())
+        vl = json.loads((tmp_path / f"vllm-{name}" / "two.json").read_text())
+        assert [p["lengths"] for p in vl["problems"]] == [p["lengths"] for p in hf["problems"]], name
+        assert [p["outcomes"] for p in vl["problems"]] == [p["outcomes"] for p in hf["problems"]], name
+        assert vl["pass_at_k"] == hf["pass_at_k"] and vl["reward_failures"] == 0, name
 
 
 def test_eval_dtype_and_reward_defaults(monkeypatch):

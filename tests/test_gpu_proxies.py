@@ -37,11 +37,13 @@ REQUESTS = [
     SoftSamplingParams(seed=4, noise="none", k=3),
     SoftSamplingParams(seed=5, soft=False, top_k=8, answer_top_k=8, thinking_budget=2),
     SoftSamplingParams(seed=6, temperature=0.7, answer_temperature=1.0, top_p=0.8),
+    SoftSamplingParams(seed=7, noise="embedding_gaussian", tau=0.5, embedding_sigma=0.3),  # noise on the input
 ]
+HIDDEN = 16
 
 
 def _store() -> tuple[SoftStateStore, torch.Tensor]:
-    store = SoftStateStore(8, 12, WIDTH, 4, "cpu", V)
+    store = SoftStateStore(8, 12, WIDTH, 4, "cpu", V, hidden_size=HIDDEN)
     slots = torch.tensor([store.allocate(p, [V - 3, V - 2, V - 1][:MARKER], 12) for p in REQUESTS])
     return store, slots
 
@@ -52,15 +54,16 @@ def _run(store, slots, step_fn, mix_fn, embed, steps=6, density="official"):
     for s in range(steps):
         logits = torch.randn(len(slots), V, generator=g) * 3
         steps_t = torch.full((len(slots),), s, dtype=torch.int64)
-        outs.append(step_fn(logits, slots, steps_t, density=density, **store.step_hints(slots.numpy())))
-        mixes.append(mix_fn(embed, slots, steps_t))
+        hints = store.step_hints(slots.numpy())
+        outs.append(step_fn(logits, slots, steps_t, density=density, **hints))
+        mixes.append(mix_fn(embed, slots, steps_t, hints["kinds"]))
     return outs, mixes
 
 
 @pytest.mark.parametrize("density", DENSITY_MODES)
 def test_engine_step_compiles_without_graph_breaks_and_equals_eager(density):
     torch._dynamo.reset()
-    emb = torch.nn.Embedding(V, 16)
+    emb = torch.nn.Embedding(V, HIDDEN)
     embed = emb.weight.detach().__getitem__  # ids -> rows, as the model's embed_input_ids
 
     eager, slots = _store()
@@ -92,10 +95,10 @@ def test_engine_step_compiles_without_graph_breaks_and_equals_eager(density):
 def test_profile_step_leaves_the_store_as_it_was():
     """The worst-case step run inside vLLM's memory profiling (audit item 6) changes nothing a later
     request sees: a store profiled once then used gives the outputs and the state of one never profiled."""
-    emb = torch.nn.Embedding(V, 16)
+    emb = torch.nn.Embedding(V, HIDDEN)
     embed = emb.weight.detach().__getitem__
-    plain = SoftStateStore(8, 12, WIDTH, 4, "cpu", V)
-    profiled = SoftStateStore(8, 12, WIDTH, 4, "cpu", V)
+    plain = SoftStateStore(8, 12, WIDTH, 4, "cpu", V, hidden_size=HIDDEN)
+    profiled = SoftStateStore(8, 12, WIDTH, 4, "cpu", V, hidden_size=HIDDEN)
     profiled.profile_step(8)
     assert profiled.free == plain.free and not profiled.n_steps.any() and not profiled.has_budget.any()
     outs = []

@@ -198,3 +198,21 @@ def test_bf16_learner_tracks_fp32(ray_cluster, tiny_dir, tiny_tokenizer):
     assert 0 < worst < 0.25, worst  # bf16 rounding, not garbage (log-probs are O(1-10))
     cos = torch.nn.functional.cosine_similarity(deltas["float32"], deltas["bfloat16"], dim=0).item()
     assert cos > 0.9, cos
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_embedding_gaussian_matches_single_process_and_the_rollout(ray_cluster, tiny_dir, tiny_tokenizer, zero_stage):
+    """Gaussian soft tokens (the density of the noised input, density=exact) on 2 ranks: before an update the
+    learners' log-probs equal the rollout's, and two steps of two mini-batches each (the second scored at the
+    rollout-time embedding after the first moved it) equal the pure-torch update. ZeRO-3 gathers the untied input
+    embedding through its module for the density's rows."""
+    from transformers import AutoModelForCausalLM
+
+    from soft_rl.noise_kinds.embedding_gaussian import embedding_sigma
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "qwen2"), dtype=torch.float32)
+    assert not model.config.tie_word_embeddings
+    sigma = embedding_sigma(model.get_input_embeddings().weight)
+    _compare_with_single_process(tiny_dir, tiny_tokenizer, zero_stage, True, density="exact", rollout_parity=True,
+                                 batch_kw=dict(density="exact", noise="embedding_gaussian", embedding_sigma=sigma, k=4,
+                                               tau=0.5, top_k=8))

@@ -10,6 +10,7 @@ from soft_rl import rng
 from soft_rl.config import ConfigError, load_config
 from soft_rl.densities import DENSITIES, soft_logprob, soft_weights, trainable_noises
 from soft_rl.noise_kinds import EPS_LOG, NOISE_KINDS, NOISES, DrawContext
+from soft_rl.noise_kinds.embedding_gaussian import EmbeddingObservation
 from soft_rl.sampling import SamplingBatch, SoftSamplingParams, soft_sample
 
 
@@ -45,9 +46,14 @@ def test_every_score_a_kind_registers_is_a_density_mode_with_a_finite_value_and_
     assert kind.trainable == (name in trainable_noises())
     y = torch.where(ctx.valid, kind.draw(ctx), torch.zeros_like(ctx.q))
     kept = ctx.valid & (ctx.q > 0)
+    g = torch.Generator().manual_seed(1)
+    # a kind that noises the input is scored at an observed input: embedding rows at the ids, h near their mixture
+    obs = EmbeddingObservation(obs=torch.randn(6, 8, generator=g), rows=torch.randn(6, 5, 8, generator=g),
+                               sigma=torch.full((6,), 0.3), tau=torch.full((6,), 0.5)) if kind.noises_input else None
     for mode in kind.scores:
         z = torch.log(ctx.q.clamp_min(1e-4)).requires_grad_(True)  # logits whose p-hat is q on the kept slots
-        lp = soft_logprob(z, y, mode, 1.0, noise=name, valid=kept, log_norm=torch.logsumexp(z, -1).detach())
+        lp = soft_logprob(z, y, mode, 1.0, noise=name, valid=kept, log_norm=torch.logsumexp(z, -1).detach(),
+                          embedding=obs)
         assert lp.shape == (6,) and torch.isfinite(lp).all(), mode
         lp.sum().backward()
         assert torch.isfinite(z.grad).all() and (z.grad[~kept] == 0).all(), mode
@@ -60,13 +66,15 @@ def test_a_rows_step_does_not_depend_on_the_kinds_of_its_batch_mates():
     """Each kind's branch runs on the whole batch and is selected per row: a row's ids, values, weights, token and
     log-prob are the same in a batch of every kind as alone (bit for bit)."""
     V = 50
-    params = [SoftSamplingParams(noise=name, seed=7 + i, top_k=8, k=5) for i, name in enumerate(NOISE_KINDS)]
+    params = [SoftSamplingParams(noise=name, seed=7 + i, top_k=8, k=5, embedding_sigma=0.05)
+              for i, name in enumerate(NOISE_KINDS)]
     logits = torch.randn(len(params), V, generator=torch.Generator().manual_seed(4)) * 2
     counters = rng.NoiseCounters(torch.tensor([p.seed for p in params]), torch.full((len(params),), 2))
-    together = soft_sample(logits, SamplingBatch.from_params(params), counters, density="exact")
+    together = soft_sample(logits, SamplingBatch.from_params(params), counters, density="exact", hidden_size=16)
     for i, p in enumerate(params):
         alone = soft_sample(logits[i:i + 1], SamplingBatch.from_params([p]),
-                            rng.NoiseCounters(counters.seed[i:i + 1], counters.step[i:i + 1]), density="exact")
+                            rng.NoiseCounters(counters.seed[i:i + 1], counters.step[i:i + 1]), density="exact",
+                            hidden_size=16)
         for field in ("ids", "noisy", "weights", "token", "logprob", "kept"):
             assert torch.equal(getattr(together, field)[i:i + 1], getattr(alone, field)), (p.noise, field)
 
@@ -78,7 +86,7 @@ def test_the_config_takes_every_kind_and_refuses_to_train_one_without_a_density(
     key = {"multiplex_uniform": ["rollout.noise=multiplex", "rollout.multiplex_weights=uniform"]}
     overrides = ["model.path=x", *key.get(name, [f"rollout.noise={name}"]), "learner.density=exact"]
     if NOISES[name].trainable:
-        assert load_config(None, overrides).rollout.sampling_params(0).noise == name
+        assert load_config(None, overrides).rollout.sampling_params(0, embedding_rms=1.0).noise == name
         assert load_config(None, [*overrides, "rollout.soft=false"]).rollout.noise_kind == name
     else:
         with pytest.raises(ConfigError, match="rollout.noise"):

@@ -107,6 +107,8 @@ def mixed_params(seed0=0):
         SoftSamplingParams(seed=seed0 + 9, top_k=5, k=4, tau=0.3, thinking_budget=4, think_end="</answer>"),
         SoftSamplingParams(seed=seed0 + 10, top_k=-1, top_p=0.9, k=3, noise="multiplex"),
         SoftSamplingParams(seed=seed0 + 11, top_k=20, k=3, noise="multiplex_uniform", thinking_budget=10),
+        # Gaussian soft tokens: sigma eps on the next input (sigma ~ 0.33 x the tiny models' embedding RMS)
+        SoftSamplingParams(seed=seed0 + 12, top_k=6, k=4, tau=0.5, noise="embedding_gaussian", embedding_sigma=0.007),
     ]
 
 

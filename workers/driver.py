@@ -88,14 +88,15 @@ def load_run_data(cfg: Config, tok, log=print) -> RunData:
     return RunData(kept["train"], kept["eval"], counts)
 
 
-def evaluate(cfg: Config, tok, pool, rewards_pool, problems) -> dict[str, float]:
-    """pass@1 over ``problems`` x ``trainer.eval_n`` samples (seeds fixed per problem and sample)."""
+def evaluate(cfg: Config, tok, pool, rewards_pool, problems, embedding_rms: float | None = None) -> dict[str, float]:
+    """pass@1 over ``problems`` x ``trainer.eval_n`` samples (seeds fixed per problem and sample); ``embedding_rms``:
+    the policy's, for a kind that noises the input (``RolloutConfig.sampling_params``)."""
     r = cfg.rollout
     n = max(1, cfg.trainer.eval_n)
     requests, golds = [], []
     for i, p in enumerate(problems):
         for j in range(n):
-            params = r.eval_sampling_params(sample_seed(cfg.trainer.seed, f"eval:{i}", j))
+            params = r.eval_sampling_params(sample_seed(cfg.trainer.seed, f"eval:{i}", j), embedding_rms)
             requests.append(RolloutRequest(render_prompt(tok, p.prompt), params, r.max_new_tokens))
             golds.append(p.answer)
     trajs = pool.generate(requests)
@@ -233,7 +234,8 @@ def engine_settings(cfg: Config, device: str) -> tuple[dict, dict]:
                      # old log-probs and the parity probe compare like with like
                      density=lc.density,
                      # the run's own steps are compiled (GPU: captured) at start-up, inside vLLM's memory profiling
-                     prepare_params=[r.sampling_params(0), r.eval_sampling_params(0)])
+                     # (any embedding RMS: these size the engine's candidates, they are never generated)
+                     prepare_params=[r.sampling_params(0, 1.0), r.eval_sampling_params(0, 1.0)])
     if cfg.model.head_dtype == "float32":  # vLLM's documented setting for RL consistency (a no-op in float32)
         engine_kw["hf_overrides"] = {"head_dtype": "float32"}
     engine_env = {}
@@ -398,8 +400,10 @@ class TrainingRun:
         self.recovery.step = step + 1
         t0 = time.perf_counter()
         problems = [self.problems[(self.pos + i) % len(self.problems)] for i in range(cfg.data.prompts_per_step)]
+        rms = self.embedding_rms()
         requests = [RolloutRequest(render_prompt(self.tok, p.prompt),
-                                   r.sampling_params(step_seed(cfg.trainer.seed, step, i * r.n + j)), r.max_new_tokens)
+                                   r.sampling_params(step_seed(cfg.trainer.seed, step, i * r.n + j), rms),
+                                   r.max_new_tokens)
                     for i, p in enumerate(problems) for j in range(r.n)]
         self.on_phase("rollout", step + 1, self.actors)
         trajs = self.recovery.generate(requests)
@@ -521,7 +525,15 @@ class TrainingRun:
                                             timeout_s=lc.sync_timeout_s, device=self.device)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.cfg, self.tok, self.recovery, self.recovery, self.eval_problems)
+        return evaluate(self.cfg, self.tok, self.recovery, self.recovery, self.eval_problems, self.embedding_rms())
+
+    def embedding_rms(self) -> float | None:
+        """The policy's input-embedding RMS now, when the run's kind noises the input (it sets the requests' sigma;
+        the engines hold the same weights), else None."""
+        if not self.cfg.rollout.noises_input:
+            return None
+        return self.recovery.retry("embedding_rms", lambda: self.actors.learners.embedding_rms(), learners_at=self.done,
+                                   uses=("learner",))
 
     def checkpoint(self) -> float:
         """Write a checkpoint of the learners' state (``self.done`` updates) with the driver's; returns seconds."""

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soft_rl.data import load_problems, render_prompt
-from soft_rl.evaluation import EvalSettings, Sample, dataset_report, generate_hf, sample_requests, to_sample
+from soft_rl.evaluation import (
+    EvalSettings,
+    Sample,
+    checkpoint_embedding_rms,
+    dataset_report,
+    generate_hf,
+    sample_requests,
+    to_sample,
+)
 
 
 @dataclass
@@ -197,6 +205,8 @@ def run_eval(run: EvalRun) -> dict[str, dict]:
         if longest >= context:
             raise ValueError(f"a prompt of {longest} tokens does not fit the model's context of {context}")
         max_new = min(max_new, context - longest)
+    if settings.needs_embedding_rms and settings.embedding_rms is None:  # the input noise's sigma: from the model
+        settings = EvalSettings(**{**settings.as_dict(), "embedding_rms": checkpoint_embedding_rms(run.model)})
     gen_settings = EvalSettings(**{**settings.as_dict(), "max_new_tokens": max_new})
 
     out_dir = Path(run.out)

@@ -48,8 +48,15 @@ from soft_rl.losses import (
 )
 from soft_rl.lr_schedule import set_learning_rate
 from soft_rl.memory_plan import grads_accumulate_in_fp32
+from soft_rl.noise_kinds import noise_kind
+from soft_rl.noise_kinds.embedding_gaussian import embedding_rms
 from soft_rl.trajectory import Trajectory
 from workers.calls import get_all
+
+
+def _noises_input(trajs: Sequence[Trajectory]) -> bool:
+    """Whether any of these trajectories was drawn with a kind that noises the input (``NoiseKind.noises_input``)."""
+    return any(noise_kind(t.sampling.noise).noises_input for t in trajs)
 
 
 class PolicyWithSoftHead(torch.nn.Module):
@@ -73,13 +80,17 @@ class PolicyWithSoftHead(torch.nn.Module):
         return getattr(self.hf, self.hf.base_model_prefix)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, disc_rows, soft_rows, soft_ids,
-                disc_tokens, disc_temperature):
+                disc_tokens, disc_temperature, input_noise_ids=None):
         """(log-probs of the labels [Nd, J] and entropies [Nd] of the positions scored through the full vocabulary,
         as one [Nd, J + 1] tensor, and logits [Ns, K] at the lean soft positions' stored ids). One tensor per kind:
         ZeRO-3 records a backward hook per output tensor that
         receives a gradient, and its module trace must not depend on whether the loss uses the entropy. With
         ``entropy_grad`` off the entropy row is non-differentiable, but the stacked tensor still receives the
-        log-probs' gradient: the same outputs and trace either way."""
+        log-probs' gradient: the same outputs and trace either way.
+        ``input_noise_ids`` [Ng, K] (micro-batches holding a kind that noises the input; possibly empty): a third
+        output, the input embedding's rows at those ids [Ng, K, H] (differentiable), through the embedding module's
+        own forward, so ZeRO-3 gathers and releases it as it does for a token input. Whether it is passed is a fact
+        of the run (every trajectory's kind), so a run's module trace does not change between micro-batches."""
         h = self.backbone()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             position_ids=position_ids).last_hidden_state
         flat = h.reshape(-1, h.shape[-1])
@@ -94,7 +105,11 @@ class PolicyWithSoftHead(torch.nn.Module):
         disc = token_scores(flat[disc_rows], head.weight, head.bias, disc_tokens, disc_temperature,
                             chunk_tokens=self.logit_chunk_tokens, upcast=self.head_fp32, entropy_grad=self.entropy_grad)
         lp, ent = disc
-        return torch.cat([lp if lp.dim() == 2 else lp[:, None], ent[:, None]], -1), soft_logits
+        scores = torch.cat([lp if lp.dim() == 2 else lp[:, None], ent[:, None]], -1)
+        if input_noise_ids is None:
+            return scores, soft_logits
+        rows = self.hf.get_input_embeddings()(input_noise_ids.reshape(-1)).view(*input_noise_ids.shape, -1)
+        return scores, soft_logits, rows
 
 
 class _NonFiniteStepGuard:
@@ -253,6 +268,10 @@ class LearnerWorker:
         self.backend = "nccl" if device == "gpu" else "gloo"  # the DP group's and the weight broadcast's
         self.engine = None
         self.ref = None
+        # the input embedding at the weights the rollout ran with, taken when a step's old log-probs are computed,
+        # for trajectories of a kind that noises the input: their inputs, and the density's observations, are
+        # rebuilt from it in every forward of the step (a gathered [V, H] copy on each rank while such runs train)
+        self._observed_embedding: torch.Tensor | None = None
         self._bucket_refs: dict[tuple[int, int], list] = {}  # object-store sync: (sync, bucket) -> [ref, readers left]
         self.buckets_packed = 0
 
@@ -328,9 +347,37 @@ class LearnerWorker:
         """Rebuild the detached soft inputs; under ZeRO-3 gather only the embedding matrix."""
         import deepspeed
 
+        if _noises_input(trajs):
+            if self._observed_embedding is None:
+                raise RuntimeError("trajectories of a kind that noises the input need the rollout-time embedding: "
+                                   "compute the step's old log-probs (logprobs(..., 'policy')) before training on them")
+            return build_micro_batch(self._observed_embedding, trajs, self.cfg.density)
         emb = self._embedding_weight(module)
         with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
             return build_micro_batch(emb.detach(), trajs, self.cfg.density)
+
+    def embedding_rms(self) -> float:
+        """RMS of the policy's input embedding now (``soft_rl.noise_kinds.embedding_gaussian.embedding_rms``): what
+        sets the input noise's sigma of the requests the next rollout sends (a collective under ZeRO-3)."""
+        import deepspeed
+
+        module = self.engine.module if hasattr(self.engine, "module") else self.engine
+        emb = self._embedding_weight(module)
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
+            return embedding_rms(emb)
+
+    def _snapshot_embedding(self, micro_batches: list[list[Trajectory]]) -> None:
+        """Keep the input embedding as it is now (the rollout's weights: old log-probs are computed before the
+        step's first update), when the step holds a kind that noises the input; drop it otherwise."""
+        import deepspeed
+
+        if not any(_noises_input(trajs) for trajs in micro_batches):
+            self._observed_embedding = None
+            return
+        module = self.engine.module if hasattr(self.engine, "module") else self.engine
+        emb = self._embedding_weight(module)
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
+            self._observed_embedding = emb.detach().clone()
 
     def _forward(self, engine, trajs: Sequence[Trajectory], with_entropy: bool = False, entropy_grad: bool = False,
                  per_draw: bool = False):
@@ -339,13 +386,15 @@ class LearnerWorker:
         ``per_draw`` they are per-draw, [N, J] (``soft_rl.draws``)."""
         module = engine.module if hasattr(engine, "module") else engine
         mb = self._micro_batch(module, trajs)
-        disc_scores, soft_logits = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
-                                          mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids,
-                                          mb.disc_labels, mb.temperature[mb.order_full])
+        noised = None if mb.input_noise_rows is None else mb.soft_ids[mb.input_noise_rows]
+        disc_scores, soft_logits, *rows = engine(mb.inputs_embeds.to(self.compute_dtype), mb.attention_mask,
+                                                 mb.position_ids, mb.disc_rows, mb.soft_rows, mb.soft_ids,
+                                                 mb.disc_labels, mb.temperature[mb.order_full], noised)
         return head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
                              noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density=self.cfg.density,
                              noise=mb.noise, with_entropy=with_entropy, entropy_grad=entropy_grad,
-                             per_draw=per_draw), mb.lengths
+                             per_draw=per_draw, embedding=mb.embedding_observation(rows[0] if rows else None)), \
+            mb.lengths
 
     def _filler_forward(self, engine, micro_batches: list[list[Trajectory]]) -> torch.Tensor:
         """A zero-weight forward for a rank with fewer micro-batches than the others.
@@ -368,6 +417,8 @@ class LearnerWorker:
         engine = self.engine if which == "policy" else self.ref
         if engine is None:
             raise RuntimeError("no reference model: it exists only when learner.kl_coef > 0")
+        if which == "policy":
+            self._snapshot_embedding(micro_batches)
         engine.eval() if hasattr(engine, "eval") else None
         out: list[torch.Tensor] = []
         for trajs in micro_batches:
@@ -755,6 +806,10 @@ class LearnerGroup:
 
     def placement(self) -> list[dict]:
         return ray.get([a.placement.remote() for a in self.actors])
+
+    def embedding_rms(self) -> float:
+        """The policy's input-embedding RMS (every rank takes part: a ZeRO-3 gather), rank 0's value."""
+        return get_all([a.embedding_rms.remote() for a in self.actors])[0]
 
     def release_memory(self) -> None:
         ray.get([a.release_memory.remote() for a in self.actors])

@@ -17,7 +17,7 @@ from soft_rl.noise_kinds.base import (
     noise_kind,
     register_noise,
 )
-from soft_rl.noise_kinds import gumbel, dirichlet, gaussian, none, multiplex  # noqa: F401  (registers them)
+from soft_rl.noise_kinds import gumbel, dirichlet, gaussian, none, multiplex, embedding_gaussian  # noqa: F401
 from soft_rl.noise_kinds.dirichlet import DIRICHLET_LOGPDF_CLAMP, GAMMA_SLOT_STRIDE
 from soft_rl.noise_kinds.gaussian import GAUSSIAN_STD, GAUSSIAN_VALUE_CLAMP
 

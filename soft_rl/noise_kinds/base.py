@@ -72,7 +72,9 @@ class NoiseKind:
     a step needs every candidate the truncation keeps (as a discrete step does), not only the top K.
     ``scores_full_vocab``: its scores read the slots' full-vocabulary log-probabilities log softmax(z / T)[i_k] (passed
     as ``logp_hat``, with ``p_hat`` their exponentials), not p-hat over the K slots: the learner scores such a step
-    through the chunked full-vocabulary head, as a discrete token."""
+    through the chunked full-vocabulary head, as a discrete token. ``noises_input``: the kind's noise is added to the
+    next input (sigma eps over the hidden size, ``embedding_gaussian``), not to the stored values: the engine and the
+    references add it where they mix the input, and its scores take the observed input (``embedding=``)."""
 
     name: str
     draw: Callable[[DrawContext], torch.Tensor]
@@ -83,6 +85,7 @@ class NoiseKind:
     sorts_slots: bool = True
     samples_kept_set: bool = False
     scores_full_vocab: bool = False
+    noises_input: bool = False
 
     @property
     def trainable(self) -> bool:

@@ -110,7 +110,8 @@ class SoftThinkingMixin:
             rows = int(self.scheduler_config.max_num_seqs)
             self._soft_store = SoftStateStore(max(8, rows), self._soft_gen_len, self._soft_width,
                                               self._soft_marker_width, self.device, self.input_batch.vocab_size,
-                                              max_candidates=self._soft_max_candidates)
+                                              max_candidates=self._soft_max_candidates,
+                                              hidden_size=int(self.model_config.get_hidden_size()))
             self._soft_step = EngineStep(self._soft_store, self._soft_step_mode, density=self._soft_density,
                                          max_rows=rows)
         return self._soft_store
@@ -238,7 +239,8 @@ class SoftThinkingMixin:
         if step.size == 0:
             return out
         idx = self._soft_staging("inputs", tok_slot, step, flat)
-        mixed = self._soft_store.mixed_inputs(self.model.embed_input_ids, idx[0], idx[1])
+        kinds = self._soft_store.step_hints(tok_slot)["kinds"]
+        mixed = self._soft_store.mixed_inputs(self.model.embed_input_ids, idx[0], idx[1], kinds)
         inputs_embeds.index_copy_(0, idx[2], mixed.to(inputs_embeds.dtype))
         self._soft_stats["mixed_inputs"] += int(step.size)
         return out
