@@ -187,8 +187,53 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", cla
 
 # ---------------------------------------------------------------- PPO / GRPO policy loss
 
-def ppo_token_losses(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
-    """Per-token clipped surrogate (see ppo_policy_loss) and its intermediate terms."""
+def behaviour_weights(prox_logp: torch.Tensor, behaviour_logp: torch.Tensor, *, cap: float = 2.0,
+                      band: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoupled PPO's behaviour correction (AReaL): the clipped ratio is taken against the proximal policy (the
+    learners' recomputed log-probs), and each position is reweighted by how much likelier the proximal policy makes
+    what the behaviour policy (the engine that generated it, an older weight version) sampled:
+
+        w = min(exp(lp_prox - lp_behaviour), cap)                   truncated importance weight (TIS)
+        w = 0 where exp(lp_prox - lp_behaviour) is outside band     masked importance sampling (MIS), optional
+
+    A constant of the loss (no gradient). For a discrete position lp is log p(token); for a soft one it is the
+    density of the stored values, and the weight is a likelihood ratio only where that density is one
+    (``learner.density`` exact or gumbel-max): the official density is a masked mean over slots, and exp of its
+    difference is a per-slot geometric-mean ratio, a surrogate. Either way the density is conditional on the stored
+    slot ids, so a slot set the proximal policy would not have kept is not penalised by the weight.
+    Returns (w, dict(log_w, capped, masked)), the masks bool."""
+    if not cap > 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    dtype = torch.promote_types(prox_logp.dtype, torch.float32)
+    # float64 difference: two log-probs of a few hundred in size (soft steps) differ by O(1)
+    log_w = (prox_logp.detach().double() - behaviour_logp.detach().double()).clamp(-20.0, 20.0)
+    raw = torch.exp(log_w)
+    w = raw.clamp(max=cap)
+    masked = torch.zeros_like(raw, dtype=torch.bool)
+    if band is not None:
+        lo, hi = band
+        if not 0 <= lo < hi:
+            raise ValueError(f"the importance-weight band must be (lo, hi) with 0 <= lo < hi, got {band}")
+        masked = (raw < lo) | (raw > hi)
+        w = torch.where(masked, torch.zeros_like(w), w)
+    return w.to(dtype), dict(log_w=log_w.to(dtype), capped=raw > cap, masked=masked)
+
+
+def behaviour_metrics(w: torch.Tensor, parts: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Over the positions of ``mask`` [B, R]: the behaviour weights' mean and max, the mean |log w| (how far the
+    batch is off-policy) and the fractions capped and masked (``behaviour_weights``)."""
+    m = mask.bool()
+    n = m.sum().clamp_min(1).float()
+    return {"is_weight_mean": (w * m).sum().detach() / n,
+            "is_weight_max": torch.where(m, w, torch.zeros_like(w)).max().detach(),
+            "is_abs_log_w": (parts["log_w"].abs() * m).sum().detach() / n,
+            "is_capped_frac": (parts["capped"] & m).sum().float() / n,
+            "is_masked_frac": (parts["masked"] & m).sum().float() / n}
+
+
+def ppo_token_losses(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0, is_weight=None):
+    """Per-token clipped surrogate (see ppo_policy_loss) and its intermediate terms; ``is_weight`` (the shape of
+    ``logp``, or None): decoupled PPO's behaviour weight, multiplying each token's term (``behaviour_weights``)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
@@ -201,24 +246,29 @@ def ppo_token_losses(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2,
         if dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         per_token = torch.where(advantages < 0, torch.minimum(clipped, -dual_clip * advantages), clipped)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     return per_token, dict(log_ratio=log_ratio, ratio=ratio, surr1=surr1, surr2=surr2, clipped=clipped,
                            advantages=advantages)
 
 
-def ppo_draw_losses(logp, old_logp, advantages, draw_mask, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+def ppo_draw_losses(logp, old_logp, advantages, draw_mask, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0,
+                    is_weight=None):
     """Per-position loss [B, R] of per-draw log-probs [B, R, J] (``soft_rl.draws``): every draw its own clipped
     (and dual-clipped) ratio, the draws' terms summed (Multiplex Thinking's official loss):
 
         r_tj = exp(logp_tj - old_tj);   l_t = sum_j m_tj max(-A r_tj, -A clip(r_tj, 1 - eps_low, 1 + eps_high))
         (for A < 0 each term is min(., -c A) first)
 
-    ``advantages`` [B] or [B, R]; ``draw_mask`` [B, R, J] bool. Returns (l [B, R], the per-draw terms as
-    ``ppo_token_losses`` names them)."""
+    ``advantages`` [B] or [B, R]; ``draw_mask`` [B, R, J] bool; ``is_weight`` [B, R]: a position's behaviour weight
+    (the rollout stores one log-prob per position, the draws' joint one), multiplying the draws' sum. Returns
+    (l [B, R], the per-draw terms as ``ppo_token_losses`` names them)."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     per_draw, parts = ppo_token_losses(logp, old_logp, advantages[..., None].expand_as(logp), clip_low=clip_low,
                                        clip_high=clip_high, dual_clip=dual_clip)
-    return (per_draw * draw_mask.to(per_draw.dtype)).sum(-1), parts
+    out = (per_draw * draw_mask.to(per_draw.dtype)).sum(-1)
+    return (out if is_weight is None else out * is_weight), parts
 
 
 def ppo_policy_loss(
@@ -238,6 +288,9 @@ def ppo_policy_loss(
     entropy_coef: float = 0.0,
     norm_length: int | None = None,
     draw_mask: torch.Tensor | None = None,
+    behaviour_logp: torch.Tensor | None = None,
+    is_cap: float = 2.0,
+    is_band: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate with optional dual clip, KL and entropy terms; [B, R] in, scalar out.
     With ``draw_mask`` [B, R, J], ``logp``/``old_logp``/``ref_logp`` are per-draw [B, R, J] and each draw has its
@@ -248,14 +301,21 @@ def ppo_policy_loss(
     if A < 0: l = min(l, -c A)                                    (dual clip, c > 1)
     loss = agg(l) + beta * agg(KL(pi || ref)) - entropy_coef * agg(H)
     ``advantages`` may be [B] (broadcast over the response) or [B, R].
+    ``behaviour_logp`` [B, R] (off-policy batches: the engine's log-probs of an older weight version; None: on-policy,
+    no correction and no extra operation): ``old_logp`` is then the proximal policy, and each position's term is
+    weighted by ``behaviour_weights(old, behaviour, cap=is_cap, band=is_band)`` (decoupled PPO).
     """
+    w = w_parts = None
+    if behaviour_logp is not None:
+        prox = old_logp if draw_mask is None else old_logp.sum(-1)  # per position: the draws' joint log-prob
+        w, w_parts = behaviour_weights(prox, behaviour_logp, cap=is_cap, band=is_band)
     if draw_mask is None:
         per_token, parts = ppo_token_losses(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                                            dual_clip=dual_clip)
+                                            dual_clip=dual_clip, is_weight=w)
         m = mask.float()
     else:
         per_token, parts = ppo_draw_losses(logp, old_logp, advantages, draw_mask, clip_low=clip_low,
-                                           clip_high=clip_high, dual_clip=dual_clip)
+                                           clip_high=clip_high, dual_clip=dual_clip, is_weight=w)
         m = mask.float()[..., None] * draw_mask.float()  # the metrics count draws
         logp = logp.sum(-1)
         ref_logp = None if ref_logp is None else ref_logp.sum(-1)
@@ -271,6 +331,8 @@ def ppo_policy_loss(
         "approx_kl_old": ((-log_ratio) * m).sum().detach() / n,
         "ratio_mean": (ratio * m).sum().detach() / n,
     }
+    if w is not None:
+        metrics.update(behaviour_metrics(w, w_parts, mask))
     if ref_logp is not None and kl_coef:
         kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, agg, norm_length)
         loss = loss + kl_coef * kl

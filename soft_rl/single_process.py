@@ -37,6 +37,8 @@ class UpdateConfig:
     grad_clip: float = 1.0
     micro_batch_seqs: int | None = None  # with agg="micro-batch-token-mean": sequences per micro-batch
     multiplex_ratio: str = "per_draw"  # per_draw | joint: one ratio per draw of a full-vocabulary kind, or per step
+    is_cap: float = 2.0  # off-policy batches (grpo_update's behaviour): the behaviour weight's truncation
+    is_band: tuple[float, float] | None = None  # and the band outside which a position is masked
 
 
 def pad_logprobs(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -53,9 +55,13 @@ def loss_mask(trajs: Sequence[Trajectory]) -> torch.Tensor:
 
 
 def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Tensor, group: torch.Tensor,
-                cfg: UpdateConfig, ref_model=None, per_step_metrics: bool = False):
+                cfg: UpdateConfig, ref_model=None, per_step_metrics: bool = False,
+                behaviour: Sequence[torch.Tensor] | None = None):
     """One RL step: advantages, old (and reference) log-probs, then PPO epochs over mini-batches.
 
+    ``behaviour``: per trajectory the log-probs [R] of the policy that generated it when that is an older weight
+    version (its rollout's ``Trajectory.logprobs``): the recomputed old log-probs become the proximal policy and
+    each position is reweighted (decoupled PPO, ``soft_rl.losses.behaviour_weights``). None: on-policy.
     Returns the last mini-batch's metrics, or with ``per_step_metrics`` the gradient norm of every
     optimizer step."""
     dev = next(model.parameters()).device
@@ -71,6 +77,7 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
         ref = pad(teacher_forced_logprobs(ref_model, trajs, cfg.density, per_draw=per_draw,
                                           observed_embedding=observed)) if ref_model is not None else None
     mask = loss_mask(trajs).to(dev)
+    beh = None if behaviour is None else pad_logprobs(list(behaviour)).to(dev)
     draws = pad_draws([draw_mask(t, cfg.density) for t in trajs]).to(dev) if per_draw else None
     n = len(trajs)
     chunks = torch.arange(n).chunk(cfg.mini_batches)
@@ -88,7 +95,8 @@ def grpo_update(model, optimizer, trajs: Sequence[Trajectory], rewards: torch.Te
             logp, old[idx][cut], adv[idx], mask[idx, :R], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
             dual_clip=cfg.dual_clip, agg=agg, ref_logp=None if ref is None else ref[idx][cut],
             kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, entropy=pad_logprobs(ent_rows), entropy_coef=cfg.entropy_coef,
-            draw_mask=None if draws is None else draws[idx][cut])
+            draw_mask=None if draws is None else draws[idx][cut],
+            behaviour_logp=None if beh is None else beh[idx, :R], is_cap=cfg.is_cap, is_band=cfg.is_band)
 
     for _ in range(cfg.ppo_epochs):
         for idx in chunks:

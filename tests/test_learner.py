@@ -30,8 +30,10 @@ def make_batch(model, tok, soft: bool, n_prompts=4, n=4, budget=lambda i: 4 + i 
 
 def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_coef: float = 0.0,
                                  entropy_coef: float = 0.0, batch_kw=None, rollout_parity: bool = False,
-                                 **learner_kw):
-    """k optimizer steps on 2 DeepSpeed ranks vs the pure-torch single-process update, same batch."""
+                                 behaviour_arch: str | None = None, is_band=None, **learner_kw):
+    """k optimizer steps on 2 DeepSpeed ranks vs the pure-torch single-process update, same batch.
+    ``behaviour_arch``: the batch comes from another model (an off-policy batch), whose rollout log-probs are the
+    behaviour policy of a decoupled PPO update on both sides."""
     from transformers import AutoModelForCausalLM
 
     from soft_rl.reference import teacher_forced_logprobs
@@ -39,7 +41,10 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
 
     path = str(tiny_dir / "qwen2")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    trajs, rewards, group = make_batch(model, tok, soft, **(batch_kw or {}))
+    gen = model if behaviour_arch is None else \
+        AutoModelForCausalLM.from_pretrained(str(tiny_dir / behaviour_arch), dtype=torch.float32).eval()
+    trajs, rewards, group = make_batch(gen, tok, soft, **(batch_kw or {}))
+    behaviour = None if behaviour_arch is None else [t.logprobs for t in trajs]
     # Adam's eps sets how strongly gradient rounding noise is amplified in elements whose gradient is
     # ~0 (there m / sqrt(v) is ~ +-1 whatever the noise); 1e-4 keeps the comparison well conditioned.
     cfg = LearnerConfig(**{**dict(world_size=2, zero_stage=zero_stage, lr=1e-3, mini_batches=2, kl_coef=kl_coef,
@@ -59,17 +64,17 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     steps = 2
     ucfg = UpdateConfig(mini_batches=cfg.mini_batches, kl_coef=kl_coef, entropy_coef=entropy_coef, agg=cfg.loss_agg,
                         micro_batch_seqs=cfg.micro_batch_seqs, density=cfg.density,
-                        multiplex_ratio=cfg.multiplex_ratio)
+                        multiplex_ratio=cfg.multiplex_ratio, is_band=is_band)
     # a per-step learning rate (the driver's schedule) that the learners must apply, not their cfg.lr
     lrs = [cfg.lr, 0.4 * cfg.lr]
     ref_norms = []
     for step in range(steps):
         set_learning_rate(opt, lrs[step])
         ref_norms.append(grpo_update(ref_model, opt, trajs, rewards, group, ucfg, ref_model=frozen,
-                                     per_step_metrics=True))
+                                     per_step_metrics=True, behaviour=behaviour))
     # two DeepSpeed ranks
     learners = LearnerGroup(path, cfg)
-    kls = []
+    kls, metrics = [], []
     try:
         # ZeRO-3 loads each rank's partition only (zero.Init); ZeRO-2 ranks hold the whole model
         total = sum(p.numel() for p in model.parameters())
@@ -87,8 +92,11 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
             for j, idx in enumerate(chunks):
                 ii = idx.tolist()
                 m = learners.train_mini_batch([trajs[i] for i in ii], adv[idx], [old[i] for i in ii],
-                                              None if ref is None else [ref[i] for i in ii], lr=lrs[step])
+                                              None if ref is None else [ref[i] for i in ii], lr=lrs[step],
+                                              behaviour=None if behaviour is None else [behaviour[i] for i in ii],
+                                              is_band=is_band)
                 assert m["skipped_steps"] == 0
+                metrics.append(m)
                 # the gradient itself (before clipping) matches: catches loss-scale errors Adam would hide
                 assert m["grad_norm"] == pytest.approx(ref_norms[step][j], rel=1e-4)
                 if step == 0 and j == 0:
@@ -102,6 +110,8 @@ def _compare_with_single_process(tiny_dir, tok, zero_stage: int, soft: bool, kl_
     moved = max((state[n] - p.detach()).abs().max().item() for n, p in model.named_parameters())
     assert moved > 1e-3  # the update really changed the weights
     assert worst <= 1e-5, worst
+    if behaviour_arch is not None:
+        return metrics
     return kls, ref_norms
 
 
@@ -216,3 +226,17 @@ def test_embedding_gaussian_matches_single_process_and_the_rollout(ray_cluster, 
     _compare_with_single_process(tiny_dir, tiny_tokenizer, zero_stage, True, density="exact", rollout_parity=True,
                                  batch_kw=dict(density="exact", noise="embedding_gaussian", embedding_sigma=sigma, k=4,
                                                tau=0.5, top_k=8))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_off_policy_batch_matches_single_process(ray_cluster, tiny_dir, tiny_tokenizer, zero_stage):
+    """Decoupled PPO on an off-policy batch (generated by another model: the behaviour policy, its rollout
+    log-probs): the learners' recomputed log-probs are the proximal policy, each position weighted by
+    min(exp(prox - behaviour), 2), masked outside [0.05, 20]; 2 ranks equal the single-process update over 2 steps
+    of 2 mini-batches, and the weights are really in play (capped and masked positions, weights below 1)."""
+    metrics = _compare_with_single_process(tiny_dir, tiny_tokenizer, zero_stage, True, density="exact",
+                                           behaviour_arch="llama", is_band=(0.05, 20.0),
+                                           batch_kw=dict(density="exact"))
+    assert all(0 < m["is_weight_mean"] < 2 and m["is_weight_max"] <= 2.0 for m in metrics), metrics
+    assert max(m["is_capped_frac"] for m in metrics) > 0 and max(m["is_masked_frac"] for m in metrics) > 0, metrics
+    assert min(m["is_abs_log_w"] for m in metrics) > 0.1, metrics

@@ -92,6 +92,50 @@ def test_ppo_loss_matches_per_token_reference(eps_low, eps_high, c):
     assert 0 < m["clip_frac"].item() < 1
 
 
+@pytest.mark.parametrize("band", [None, (0.3, 3.0)])
+def test_decoupled_ppo_matches_a_per_position_reference(band):
+    """Off-policy batches: the clipped ratio against the proximal policy (old), each position's term times
+    w = min(exp(old - behaviour), cap), 0 outside the band; value, gradient and metrics against a per-position loop
+    (float64). A behaviour equal to the proximal policy gives the on-policy loss bit for bit, and the weights change
+    the loss where they differ from 1."""
+    g = torch.Generator().manual_seed(4)
+    B, R, cap = 5, 7, 2.0
+    old = torch.randn(B, R, generator=g, dtype=torch.float64)
+    beh = old + torch.randn(B, R, generator=g, dtype=torch.float64) * 1.2  # weights far from 1, both sides
+    lp = (old + torch.randn(B, R, generator=g, dtype=torch.float64) * 0.5).requires_grad_(True)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, R, generator=g) > 0.2).double()
+    loss, m = ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0, behaviour_logp=beh,
+                              is_cap=cap, is_band=band)
+    loss.backward()
+    ref_lp = lp.detach().clone().requires_grad_(True)
+    terms, ws = [], []
+    for b in range(B):
+        for t in range(R):
+            raw = math.exp(float(old[b, t] - beh[b, t]))
+            w = 0.0 if band is not None and not band[0] <= raw <= band[1] else min(raw, cap)
+            r = torch.exp(ref_lp[b, t] - old[b, t])
+            a = float(adv[b])
+            term = torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))
+            if a < 0:
+                term = torch.minimum(term, torch.tensor(-3.0 * a, dtype=torch.float64))
+            terms.append(term * w * mask[b, t])
+            ws.append((w, raw, bool(mask[b, t])))
+    want = torch.stack(terms).sum() / mask.sum()
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lp.grad, ref_lp.grad, atol=1e-12, rtol=1e-12)
+    kept = [(w, raw) for w, raw, on in ws if on]
+    assert float(m["is_capped_frac"]) == pytest.approx(sum(raw > cap for _, raw in kept) / len(kept))
+    assert float(m["is_weight_mean"]) == pytest.approx(sum(w for w, _ in kept) / len(kept))
+    assert float(m["is_weight_max"]) == max(w for w, _ in kept) <= cap
+    if band is not None:
+        assert 0 < float(m["is_masked_frac"]) < 1
+    on_policy, _ = ppo_policy_loss(lp.detach(), old, adv, mask, clip_low=0.2, clip_high=0.28)
+    same, _ = ppo_policy_loss(lp.detach(), old, adv, mask, clip_low=0.2, clip_high=0.28, behaviour_logp=old)
+    assert torch.equal(same, on_policy) and abs(float(on_policy) - float(loss)) > 1e-3
+
+
 def test_ppo_on_policy_gradient_is_policy_gradient():
     """At ratio 1 the gradient of the token-mean loss is -A * grad(logp) / n_tokens."""
     lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
