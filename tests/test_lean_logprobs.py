@@ -356,3 +356,47 @@ def test_token_scores_backward_peak_memory_stays_within_its_chunk_bound(entropy_
     assert backward.peak <= bound, (backward.peak, bound)
     # the bound is not vacuous: the gradients themselves are most of what remains
     assert backward.peak >= 4 * (V * H + N * H) + (2 if entropy_grad else 1) * buffer * 0.9
+
+
+def test_gaussian_soft_tokens_in_a_mixed_micro_batch_equal_the_reference(tiny_hf, tiny_tokenizer):
+    """A micro-batch mixing Gaussian soft tokens (two of them), Gumbel, Multiplex and discrete requests: the
+    Gaussian steps' observations and embedding rows line up with their lean rows (the learner's
+    ``MicroBatch.embedding_observation``), and the log-probs equal the HF reference's per-trajectory scoring."""
+    from soft_rl.lean_logprobs import head_logprobs, token_scores
+    from soft_rl.learner_batch import build_micro_batch, pad_rows
+    from soft_rl.noise_kinds.embedding_gaussian import embedding_sigma
+    from soft_rl.reference import embedding_observation
+
+    _, model = tiny_hf
+    emb = model.get_input_embeddings().weight
+    sigma = embedding_sigma(emb)
+    settings = [dict(noise="gumbel"), dict(noise="embedding_gaussian", tau=0.5, k=4, embedding_sigma=sigma),
+                dict(noise="multiplex", k=3, top_k=-1, top_p=0.9), dict(soft=False),
+                dict(noise="embedding_gaussian", tau=0.2, k=5, top_k=8, embedding_sigma=2 * sigma)]
+    prompts = [list(tiny_tokenizer.encode(f"question {i}: 5 + {i} =")) for i in range(len(settings))]
+    params = [SoftSamplingParams(seed=70 + i, thinking_budget=8, **kw) for i, kw in enumerate(settings)]
+    trajs = generate(model, prompts, params, max_new_tokens=12, eos_token_ids=[], tokenizer=tiny_tokenizer,
+                     density="exact")
+    assert trajs[1].num_soft > 1 and trajs[4].num_soft > 1
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        mb = build_micro_batch(emb, trajs, "exact")
+        assert mb.input_noise_rows.numel() == trajs[1].num_soft + trajs[4].num_soft
+        h = model.model(inputs_embeds=mb.inputs_embeds, attention_mask=mb.attention_mask,
+                        position_ids=mb.position_ids).last_hidden_state.reshape(-1, head.weight.shape[1])
+        disc_scores = token_scores(h[mb.disc_rows], head.weight, None, mb.disc_labels, mb.temperature[mb.order_full])
+        soft_logits = torch.einsum("nh,nkh->nk", h[mb.soft_rows], head.weight[mb.soft_ids])
+        rows = emb[mb.soft_ids[mb.input_noise_rows]]
+        got = head_logprobs(disc_scores, soft_logits, is_soft=mb.order_is_soft, full_vocab=mb.order_full,
+                            noisy=mb.noisy, temperature=mb.temperature, slots=mb.slots, density="exact",
+                            noise=mb.noise, embedding=mb.embedding_observation(rows))
+        want = []
+        for t in trajs:
+            P, R = t.prompt_ids.shape[0], t.num_tokens
+            logits = model(inputs_embeds=build_inputs_embeds(emb, t)[None]).logits[0, P - 1: P - 1 + R]
+            obs = embedding_observation(emb, emb, t) if t.sampling.noise == "embedding_gaussian" else None
+            want.append(position_logprobs(logits, t, "exact", embedding=obs))
+    torch.testing.assert_close(pad_rows(got, mb.lengths), pad_rows(torch.cat(want), mb.lengths), atol=2e-5,
+                               rtol=2e-6)
+    for t, w in zip(trajs, want, strict=True):  # and the rollout's own log-probs, Gaussian steps included
+        torch.testing.assert_close(t.logprobs, w, atol=2e-5, rtol=2e-6)
