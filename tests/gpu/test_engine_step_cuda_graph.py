@@ -25,15 +25,18 @@ from tests.step_error_model import PERTURB_RUNS, assert_within_model, perturbed_
 V, H = 512, 64
 REQUESTS = [SoftSamplingParams(seed=1), SoftSamplingParams(seed=2, thinking_budget=3),
             SoftSamplingParams(seed=3, noise="gaussian", noise_clamp=None),
-            SoftSamplingParams(seed=4, soft=False, top_k=16, answer_top_k=16, thinking_budget=2)]
+            SoftSamplingParams(seed=4, soft=False, top_k=16, answer_top_k=16, thinking_budget=2),
+            # Gaussian soft tokens: sigma eps over the H coordinates of the next input, inside the captured graph
+            SoftSamplingParams(seed=5, noise="embedding_gaussian", tau=0.5, embedding_sigma=0.3)]
 
 
 def test_engine_step_under_cuda_graph_capture_equals_eager(device):
     if device.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
-    store = SoftStateStore(8, 16, 5, 4, device, V)
+    store = SoftStateStore(8, 16, 5, 4, device, V, hidden_size=H)
     slots_host = torch.tensor([store.allocate(p, [V - 2, V - 1], 16) for p in REQUESTS])
-    hints = dict(store.step_hints(slots_host.numpy()), density="official")
+    hints = dict(store.step_hints(slots_host.numpy()), density="exact")
+    kinds = hints["kinds"]
     eager = copy.deepcopy(store)
     emb = torch.randn(V, H, device=device)
     embed = emb.__getitem__
@@ -55,7 +58,7 @@ def test_engine_step_under_cuda_graph_capture_equals_eager(device):
     try:
         with torch.cuda.graph(graph):
             out = store.sample_step(static_logits, slots, static_steps, **hints)
-            mixed = store.mixed_inputs(embed, slots, static_steps)
+            mixed = store.mixed_inputs(embed, slots, static_steps, kinds)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     # capturing records the kernels without running them: the store is still at its initial state
@@ -64,7 +67,7 @@ def test_engine_step_under_cuda_graph_capture_equals_eager(device):
         static_steps.fill_(step)
         graph.replay()
         ref = eager.sample_step(logits, slots, static_steps.clone(), **hints)
-        ref_mixed = eager.mixed_inputs(embed, slots, static_steps.clone())
+        ref_mixed = eager.mixed_inputs(embed, slots, static_steps.clone(), kinds)
         for f in ("ids", "token", "is_soft", "kept"):
             assert torch.equal(getattr(out, f), getattr(ref, f)), (step, f)
         for f in ("noisy", "weights", "logprob"):
