@@ -88,8 +88,12 @@ def _model_states(ckpt_dir):
     return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
 
 
-def test_resume_equals_uninterrupted(ray_cluster, tmp_path):
-    """2 steps == 1 step + checkpoint + resume + 1 step (bit-exact on CPU), with eval and KL on."""
+@pytest.mark.parametrize("noise", ["gumbel", "embedding_gaussian"])
+def test_resume_equals_uninterrupted(ray_cluster, tmp_path, noise):
+    """2 steps == 1 step + checkpoint + resume + 1 step (bit-exact on CPU), with eval and KL on; SofT-GRPO, and
+    Gaussian soft tokens (whose requests carry sigma from the learners' embedding at each step, and whose steps the
+    learners score at the rollout-time inputs: the engines' log-probs equal theirs, and the resumed run's sigma
+    and update are the uninterrupted one's)."""
     import torch
 
     from soft_rl.config import load_config
@@ -105,7 +109,10 @@ def test_resume_equals_uninterrupted(ray_cluster, tmp_path):
             f"data.eval_files=[{toy / 'test.jsonl'}]", "trainer.eval_every=2", "trainer.eval_n=1",
             f"trainer.steps={steps}", "trainer.save_every=1", "data.prompts_per_step=4", f"trainer.out_dir={out}",
             "rollout.max_new_tokens=24", "rollout.thinking_budget=12", "rollout.num_engines=1",
-            "learner.kl_coef=0.01", "learner.lr=1e-3"])
+            "learner.kl_coef=0.01", "learner.lr=1e-3", *method])
+
+    method = [] if noise == "gumbel" else [f"rollout.noise={noise}", "rollout.tau=0.5", "learner.density=exact",
+                                           "learner.advantage=rloo"]
 
     full = train(cfg(tmp_path / "full", 2), log=lambda s: None)
     first = train(cfg(tmp_path / "part", 1), log=lambda s: None)
@@ -118,6 +125,9 @@ def test_resume_equals_uninterrupted(ray_cluster, tmp_path):
     keys = ["reward/mean", "rollout/tokens", "learner/pg_loss", "learner/kl", "learner/grad_norm", "eval/pass@1",
             "learner/lr"]
     assert {k: second[0][k] for k in keys} == {k: full[2][k] for k in keys}
+    if noise != "gumbel":  # soft steps really ran, and the engines scored them as the learners do
+        assert all(0 < r["rollout/soft_frac"] < 1 for r in full[1:])
+        assert all(r["rollout_vs_learner/mean_abs_logprob_diff_soft"] <= 1e-4 for r in full[1:]), full
     a = _model_states(tmp_path / "full" / "checkpoints" / "step-00000002")
     b = _model_states(tmp_path / "part" / "checkpoints" / "step-00000002")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
