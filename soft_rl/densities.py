@@ -231,14 +231,10 @@ def soft_logprob_rows(logits_at_ids: torch.Tensor, noisy: torch.Tensor, mode: st
 
     def score(name, idx=None):
         pick = (lambda t: t) if idx is None else (lambda t: t[idx])
-        obs = None
-        if NOISES[name].noises_input:
-            if embedding is None:
-                raise ValueError(f"noise={name!r} is scored from the observed input: pass embedding=")
-            obs = embedding
-            n = logits_at_ids.shape[0] if idx is None else idx.numel()
-            if obs.obs.shape[0] != n:
-                raise ValueError(f"{n} soft steps of noise={name!r} but {obs.obs.shape[0]} observed inputs")
+        obs = embedding if NOISES[name].noises_input else None  # soft_logprob refuses a missing one
+        n = logits_at_ids.shape[0] if idx is None else idx.numel()
+        if obs is not None and obs.obs.shape[0] != n:
+            raise ValueError(f"{n} soft steps of noise={name!r} but {obs.obs.shape[0]} observed inputs")
         return soft_logprob(pick(logits_at_ids), pick(noisy), mode, pick(rows.scale), noise=name, valid=pick(valid),
                             clamp=(pick(rows.clamp_lo), pick(rows.clamp_hi)), dirichlet_alpha=pick(rows.alpha),
                             log_norm=None if log_norm is None else pick(log_norm), embedding=obs)

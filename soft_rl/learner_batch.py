@@ -82,7 +82,11 @@ def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory
     """``embedding_weight``: the embedding the inputs are rebuilt from (for a kind that noises the input, the
     rollout-time one: its inputs are the density's observations)."""
     dev = embedding_weight.device
-    seqs = [build_inputs_embeds(embedding_weight, t) for t in trajs]
+    noised = [noise_kind(t.sampling.noise).noises_input for t in trajs]
+    # the inputs after each step of a kind that noises the input, rebuilt once: the model reads them, the density
+    # scores them
+    inputs = [observed_inputs(embedding_weight, t) if on else None for t, on in zip(trajs, noised, strict=True)]
+    seqs = [build_inputs_embeds(embedding_weight, t, observed) for t, observed in zip(trajs, inputs, strict=True)]
     B, L, H = len(seqs), max(s.shape[0] for s in seqs), embedding_weight.shape[1]
     x = torch.zeros(B, L, H, dtype=embedding_weight.dtype, device=dev)
     attn = torch.zeros(B, L, dtype=torch.long, device=dev)
@@ -109,17 +113,16 @@ def build_micro_batch(embedding_weight: torch.Tensor, trajs: Sequence[Trajectory
     full_t = ~soft_t | (soft_t & noise.full_vocab())
     lean_t = soft_t & ~full_t
     labels = ids_t[full_t] if bool((soft_t & full_t).any()) else tokens_t[full_t, None]
-    noised = [noise_kind(t.sampling.noise).noises_input for t in trajs]
     extra = {}
     if any(noised):  # the observed inputs after the soft steps of a kind that noises the input
         lean_idx = torch.full((soft_t.numel(),), -1, dtype=torch.long)
         lean_idx[lean_t] = torch.arange(int(lean_t.sum()))
         rows, obs, sigma, tau, start = [], [], [], [], 0
-        for t, on in zip(trajs, noised, strict=True):
-            if on and t.num_soft:
+        for t, observed in zip(trajs, inputs, strict=True):
+            if observed is not None and t.num_soft:
                 soft = t.is_soft.nonzero().flatten()
                 rows.append(lean_idx[start + soft])
-                obs.append(observed_inputs(embedding_weight, t)[soft.to(dev)])
+                obs.append(observed[soft.to(dev)])
                 sigma.append(torch.full((soft.numel(),), t.sampling.embedding_sigma, dtype=torch.float32))
                 tau.append(torch.full((soft.numel(),), t.sampling.tau, dtype=torch.float32))
             start += t.num_tokens

@@ -219,16 +219,17 @@ def behaviour_weights(prox_logp: torch.Tensor, behaviour_logp: torch.Tensor, *, 
     return w.to(dtype), dict(log_w=log_w.to(dtype), capped=raw > cap, masked=masked)
 
 
+BEHAVIOUR_METRICS = ("is_weight_mean", "is_weight_max", "is_abs_log_w", "is_capped_frac", "is_masked_frac")
+
+
 def behaviour_metrics(w: torch.Tensor, parts: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Over the positions of ``mask`` [B, R]: the behaviour weights' mean and max, the mean |log w| (how far the
     batch is off-policy) and the fractions capped and masked (``behaviour_weights``)."""
     m = mask.bool()
     n = m.sum().clamp_min(1).float()
-    return {"is_weight_mean": (w * m).sum().detach() / n,
-            "is_weight_max": torch.where(m, w, torch.zeros_like(w)).max().detach(),
-            "is_abs_log_w": (parts["log_w"].abs() * m).sum().detach() / n,
-            "is_capped_frac": (parts["capped"] & m).sum().float() / n,
-            "is_masked_frac": (parts["masked"] & m).sum().float() / n}
+    values = ((w * m).sum() / n, torch.where(m, w, torch.zeros_like(w)).max(), (parts["log_w"].abs() * m).sum() / n,
+              (parts["capped"] & m).sum().float() / n, (parts["masked"] & m).sum().float() / n)
+    return {key: v.detach() for key, v in zip(BEHAVIOUR_METRICS, values, strict=True)}
 
 
 def ppo_token_losses(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=3.0, is_weight=None):

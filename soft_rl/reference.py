@@ -154,25 +154,30 @@ def observed_inputs(embedding_weight: torch.Tensor, traj: Trajectory) -> torch.T
     return mix_rows_f32(embedding_weight[ids], w, offset)
 
 
-def build_inputs_embeds(embedding_weight: torch.Tensor, traj: Trajectory) -> torch.Tensor:
-    """[P + R - 1, H]: prompt token embeddings, then the (detached) input after each step but the last."""
+def build_inputs_embeds(embedding_weight: torch.Tensor, traj: Trajectory,
+                        observed: torch.Tensor | None = None) -> torch.Tensor:
+    """[P + R - 1, H]: prompt token embeddings, then the (detached) input after each step but the last.
+    ``observed``: ``observed_inputs(embedding_weight, traj)`` when the caller has it already (a kind that noises the
+    input: the density reads the same inputs)."""
     dev = embedding_weight.device
     prompt = embedding_weight[traj.prompt_ids.to(dev)]
     if noise_kind(traj.sampling.noise).noises_input:
-        mixed = observed_inputs(embedding_weight, traj)[:-1].to(embedding_weight.dtype)
+        observed = observed_inputs(embedding_weight, traj) if observed is None else observed
+        mixed = observed[:-1].to(embedding_weight.dtype)
     else:
         mixed = mix_embeddings(embedding_weight, traj.topk_ids[:-1].to(dev), rebuild_weights(traj, dev)[:-1])
     return torch.cat([prompt, mixed], dim=0).detach()
 
 
 def embedding_observation(observed_embedding: torch.Tensor, embedding_weight: torch.Tensor, traj: Trajectory,
-                          rows: torch.Tensor | None = None) -> EmbeddingObservation:
+                          observed: torch.Tensor | None = None) -> EmbeddingObservation:
     """What the density of ``traj``'s soft steps (a kind that noises the input) is scored with: the inputs rebuilt
-    from the rollout-time ``observed_embedding``, the policy's ``embedding_weight`` rows at the stored ids
-    (differentiable), sigma and tau; ``rows``: the steps (default: the soft ones)."""
+    from the rollout-time ``observed_embedding`` (``observed``: those inputs, when the caller has them already), the
+    policy's ``embedding_weight`` rows at the stored ids (differentiable), sigma and tau."""
     dev = embedding_weight.device
-    rows = traj.is_soft.nonzero().flatten() if rows is None else rows
-    obs = observed_inputs(observed_embedding.detach(), traj)[rows.to(observed_embedding.device)].to(dev)
+    rows = traj.is_soft.nonzero().flatten()
+    observed = observed_inputs(observed_embedding.detach(), traj) if observed is None else observed
+    obs = observed[rows.to(observed.device)].to(dev)
     n, s = rows.numel(), traj.sampling
     return EmbeddingObservation(obs=obs, rows=embedding_weight[traj.topk_ids[rows].to(dev)],
                                 sigma=torch.full((n,), s.embedding_sigma, dtype=torch.float32, device=dev),
@@ -231,7 +236,9 @@ def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "
     model's); the inputs are rebuilt from it, and a kind that noises the input is scored at those inputs."""
     emb_w = model.get_input_embeddings().weight
     observed = emb_w.detach() if observed_embedding is None else observed_embedding
-    seqs = [build_inputs_embeds(observed, t) for t in trajs]
+    # the inputs after each step, once per trajectory of a kind that noises the input (its inputs and its density)
+    inputs = [observed_inputs(observed, t) if noise_kind(t.sampling.noise).noises_input else None for t in trajs]
+    seqs = [build_inputs_embeds(observed, t, x) for t, x in zip(trajs, inputs, strict=True)]
     L = max(s.shape[0] for s in seqs)
     H = emb_w.shape[1]
     dev = emb_w.device
@@ -245,7 +252,7 @@ def teacher_forced_logprobs(model, trajs: Sequence[Trajectory], density: str = "
         out, ent = [], []
         for b, t in enumerate(trajs):
             P, R = t.prompt_ids.shape[0], t.num_tokens
-            obs = embedding_observation(observed, emb_w, t) if noise_kind(t.sampling.noise).noises_input else None
+            obs = None if inputs[b] is None else embedding_observation(observed, emb_w, t, inputs[b])
             out.append(position_logprobs(logits[b, P - 1: P - 1 + R], t, density, per_draw, obs))
             if with_entropy:
                 ent.append(position_entropy(logits[b, P - 1: P - 1 + R], t, density))

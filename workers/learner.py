@@ -40,6 +40,7 @@ from soft_rl.draws import draw_mask, pad_draws, per_draw_ratio, split_draws
 from soft_rl.lean_logprobs import head_logprobs, token_scores
 from soft_rl.learner_batch import MicroBatch, build_micro_batch, pad_rows, split_by_token_budget
 from soft_rl.losses import (
+    BEHAVIOUR_METRICS,
     PER_MICRO_BATCH_AGGREGATIONS,
     aggregate_parts,
     behaviour_metrics,
@@ -342,44 +343,42 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ forward
 
-    def _embedding_weight(self, module) -> torch.Tensor:
-        return module.hf.get_input_embeddings().weight
+    @contextmanager
+    def _whole_embedding(self, module=None):
+        """The input embedding matrix (of ``module``, default the policy's), detached and whole while the context
+        lasts: under ZeRO-3 a gather of that matrix only (a collective: every rank enters it)."""
+        import deepspeed
+
+        if module is None:
+            module = self.engine.module if hasattr(self.engine, "module") else self.engine
+        emb = module.hf.get_input_embeddings().weight
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
+            yield emb.detach()
 
     def _micro_batch(self, module, trajs: Sequence[Trajectory]) -> MicroBatch:
         """Rebuild the detached soft inputs; under ZeRO-3 gather only the embedding matrix."""
-        import deepspeed
-
         if _noises_input(trajs):
             if self._observed_embedding is None:
                 raise RuntimeError("trajectories of a kind that noises the input need the rollout-time embedding: "
                                    "compute the step's old log-probs (logprobs(..., 'policy')) before training on them")
             return build_micro_batch(self._observed_embedding, trajs, self.cfg.density)
-        emb = self._embedding_weight(module)
-        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
-            return build_micro_batch(emb.detach(), trajs, self.cfg.density)
+        with self._whole_embedding(module) as emb:
+            return build_micro_batch(emb, trajs, self.cfg.density)
 
     def embedding_rms(self) -> float:
         """RMS of the policy's input embedding now (``soft_rl.noise_kinds.embedding_gaussian.embedding_rms``): what
         sets the input noise's sigma of the requests the next rollout sends (a collective under ZeRO-3)."""
-        import deepspeed
-
-        module = self.engine.module if hasattr(self.engine, "module") else self.engine
-        emb = self._embedding_weight(module)
-        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
+        with self._whole_embedding() as emb:
             return embedding_rms(emb)
 
     def _snapshot_embedding(self, micro_batches: list[list[Trajectory]]) -> None:
         """Keep the input embedding as it is now (the rollout's weights: old log-probs are computed before the
         step's first update), when the step holds a kind that noises the input; drop it otherwise."""
-        import deepspeed
-
         if not any(_noises_input(trajs) for trajs in micro_batches):
             self._observed_embedding = None
             return
-        module = self.engine.module if hasattr(self.engine, "module") else self.engine
-        emb = self._embedding_weight(module)
-        with torch.no_grad(), deepspeed.zero.GatheredParameters([emb], enabled=hasattr(emb, "ds_id")):
-            self._observed_embedding = emb.detach().clone()
+        with self._whole_embedding() as emb:
+            self._observed_embedding = emb.clone()
 
     def _forward(self, engine, trajs: Sequence[Trajectory], with_entropy: bool = False, entropy_grad: bool = False,
                  per_draw: bool = False):
@@ -445,7 +444,7 @@ class LearnerWorker:
             set_learning_rate(self.optimizer, lr)
         self.engine.train()
         sums = {"pg": 0.0, "kl": 0.0, "clip": 0.0, "tokens": 0.0, "draws": 0.0, "logratio": 0.0, "entropy": 0.0,
-                "is_w": 0.0, "is_max": 0.0, "is_abs_log_w": 0.0, "is_capped": 0.0, "is_masked": 0.0}
+                **dict.fromkeys(BEHAVIOUR_METRICS, 0.0)}
         for i, trajs in enumerate(micro_batches):
             if not trajs:
                 self.engine.backward(self._filler_forward(self.engine, micro_batches), scale_wrt_gas=False)
@@ -462,13 +461,11 @@ class LearnerWorker:
                 w, w_parts = behaviour_weights(pad_rows(torch.cat(old_rows).to(dev), lengths),
                                                pad_rows(torch.cat(behaviour[i]).to(dev), lengths), cap=is_cap,
                                                band=is_band)
+                n_tok = float(mask.sum())
                 for key, value in behaviour_metrics(w, w_parts, mask).items():
-                    n_tok = float(mask.sum())
-                    if key == "is_weight_max":
-                        sums["is_max"] = max(sums["is_max"], float(value))
-                    else:  # token sums, so that ranks and micro-batches add up
-                        sums[{"is_weight_mean": "is_w", "is_abs_log_w": "is_abs_log_w", "is_capped_frac": "is_capped",
-                              "is_masked_frac": "is_masked"}[key]] += float(value) * n_tok
+                    # the max over micro-batches; the others as token sums, so that ranks and micro-batches add up
+                    sums[key] = max(sums[key], float(value)) if key == "is_weight_max" \
+                        else sums[key] + float(value) * n_tok
             if per_draw:  # one ratio per draw (soft_rl.draws), the draws' clipped terms summed per position
                 logp_rows = split_draws(flat, trajs)
                 if any(o.dim() != 2 and lp.shape[1] > 1 for o, lp in zip(old[i], logp_rows, strict=True)):
@@ -829,11 +826,8 @@ class LearnerGroup:
             "grad_norm": parts[0]["grad_norm"],
             "skipped_steps": parts[0]["skipped"],
             **({} if behaviour is None else {
-                "is_weight_mean": sum(p["is_w"] for p in parts) / tokens,
-                "is_weight_max": max(p["is_max"] for p in parts),
-                "is_abs_log_w": sum(p["is_abs_log_w"] for p in parts) / tokens,
-                "is_capped_frac": sum(p["is_capped"] for p in parts) / tokens,
-                "is_masked_frac": sum(p["is_masked"] for p in parts) / tokens}),
+                key: max(p[key] for p in parts) if key == "is_weight_max" else sum(p[key] for p in parts) / tokens
+                for key in BEHAVIOUR_METRICS}),
         }
 
     def placement(self) -> list[dict]:

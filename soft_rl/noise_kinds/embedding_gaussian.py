@@ -91,9 +91,6 @@ class EmbeddingObservation:
     sigma: torch.Tensor
     tau: torch.Tensor
 
-    def take(self, idx: torch.Tensor) -> EmbeddingObservation:
-        return EmbeddingObservation(self.obs[idx], self.rows[idx], self.sigma[idx], self.tau[idx])
-
 
 def mixture_mean(logp_hat: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """mu = sum_k softmax(log p-hat / tau)_k E[i_k] over the valid slots, [N, H] float32 (softmax(log q / tau) is
